@@ -1,0 +1,1 @@
+"""medcg data: Med-MAT reader, SynthMAT, TFRecord shards, grain pipeline, tokenizers."""

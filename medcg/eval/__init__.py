@@ -1,0 +1,1 @@
+"""medcg evaluation: MCQ parsing and accuracy, option likelihood, detection IoU, reports."""

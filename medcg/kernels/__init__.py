@@ -1,0 +1,1 @@
+"""medcg kernels: TRIM token reduction (reference and Pallas)."""
