@@ -1,0 +1,230 @@
+"""Per-sample evaluation records -> accuracy by subset, triplet, MAT element and ID/OOD, written atomically.
+
+Every number is a count first: `{"n", "correct", "accuracy"}` with accuracy = correct / n (a fraction;
+reports print percent). Overall accuracy is over samples (micro); `macro_subset` averages the subsets'
+accuracies, which is how the paper's tables read. Aggregation sorts by key, so the result does not depend
+on record order, and a duplicated `sample_id` is an error (an evaluation that saw a sample twice is wrong).
+Unparsed answers are wrong and their rate is reported with the count of every parse stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from medcg import mat
+from medcg.eval import mcq
+
+RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.jsonl"
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRecord:
+  """One evaluated sample. `parsed` is the predicted letter or None; `stage` how it was obtained."""
+  sample_id: str
+  subset: int
+  triplet: tuple[str, str, str]
+  prompt: str
+  output: str
+  parsed: str | None
+  stage: str
+  correct: bool
+  answer: str
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = "record") -> "SampleRecord":
+    """Validates a dict (e.g. one JSONL line); errors name `where` and the key at fault."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+    if missing:
+      raise ValueError(f"{where}: missing keys {missing}")
+    triplet = tuple(d["triplet"])
+    if len(triplet) != 3 or not all(isinstance(x, str) for x in triplet):
+      raise ValueError(f"{where}: 'triplet' must be three strings, got {d['triplet']!r}")
+    try:
+      subset = mat.get(d["subset"]).id
+    except KeyError as e:
+      raise ValueError(f"{where}: 'subset': {e}") from None
+    if not isinstance(d["correct"], bool):
+      raise ValueError(f"{where}: 'correct' must be a bool, got {d['correct']!r}")
+    return cls(str(d["sample_id"]), subset, triplet, str(d["prompt"]), str(d["output"]),
+               None if d["parsed"] is None else str(d["parsed"]), str(d["stage"]), d["correct"],
+               str(d["answer"]))
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["triplet"] = list(self.triplet)
+    return d
+
+
+def score_generation(sample_id: str, subset: int | str, triplet: Sequence[str], prompt: str, output: str,
+                     options: Sequence[str], answer: str) -> SampleRecord:
+  """Parses a generated answer (`mcq.parse_answer`) and scores it against the answer letter."""
+  letter, stage = mcq.parse_answer(output, options)
+  answer = answer.strip().upper()
+  if answer not in mcq.option_letters(options):
+    raise ValueError(f"sample {sample_id}: answer {answer!r} is not one of the {len(options)} options")
+  return SampleRecord(str(sample_id), mat.get(subset).id, tuple(triplet), prompt, output, letter, stage,
+                      letter == answer, answer)
+
+
+def score_choice(sample_id: str, subset: int | str, triplet: Sequence[str], prompt: str, index: int | None,
+                 stage: str, options: Sequence[str], answer: str) -> SampleRecord:
+  """Scores an option chosen by likelihood (`mcq.choose_by_loglik`); `index` None is a tie."""
+  letters = mcq.option_letters(options)
+  letter = None if index is None else letters[index]
+  answer = answer.strip().upper()
+  output = "" if letter is None else options[index]
+  return SampleRecord(str(sample_id), mat.get(subset).id, tuple(triplet), prompt, output, letter, stage,
+                      letter == answer, answer)
+
+
+def _acc(n: int, correct: int) -> dict[str, Any]:
+  return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+
+
+def _group(records: Sequence[SampleRecord], key) -> dict[str, dict[str, Any]]:
+  counts: dict[str, list[int]] = {}
+  for r in records:
+    c = counts.setdefault(key(r), [0, 0])
+    c[0] += 1
+    c[1] += int(r.correct)
+  return {k: _acc(*counts[k]) for k in sorted(counts)}
+
+
+def triplet_key(triplet: Sequence[str]) -> str:
+  """"CT|Lung|COVID": how triplets are keyed in results.json."""
+  return "|".join(triplet)
+
+
+def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, Any]:
+  """The results dict of a set of records (see the module docstring)."""
+  recs = []
+  for i, r in enumerate(records):
+    recs.append(r if isinstance(r, SampleRecord) else SampleRecord.from_dict(r, where=f"record {i}"))
+  seen: dict[str, int] = {}
+  for i, r in enumerate(recs):
+    if r.sample_id in seen:
+      raise ValueError(f"record {i}: sample_id {r.sample_id!r} already seen at record {seen[r.sample_id]}")
+    seen[r.sample_id] = i
+  recs.sort(key=lambda r: r.sample_id)
+  per_subset = _group(recs, lambda r: f"{r.subset:02d}")
+  for key, v in per_subset.items():
+    s = mat.get(int(key))
+    v["triplet"] = list(s.triplet)
+    v["status"] = s.status
+  stages = {}
+  for r in recs:
+    stages[r.stage] = stages.get(r.stage, 0) + 1
+  n = len(recs)
+  unparsed = sum(1 for r in recs if r.parsed is None)
+  subset_accs = [v["accuracy"] for v in per_subset.values()]
+  return {
+      "schema_version": SCHEMA_VERSION,
+      "overall": _acc(n, sum(int(r.correct) for r in recs)),
+      "macro_subset": sum(subset_accs) / len(subset_accs) if subset_accs else 0.0,
+      "per_subset": per_subset,
+      "per_triplet": _group(recs, lambda r: triplet_key(r.triplet)),
+      "per_element": {
+          "modality": _group(recs, lambda r: r.triplet[0]),
+          "area": _group(recs, lambda r: r.triplet[1]),
+          "task": _group(recs, lambda r: r.triplet[2]),
+      },
+      "per_status": _group(recs, lambda r: mat.get(r.subset).status),
+      "parse": {"stages": dict(sorted(stages.items())), "unparsed": unparsed,
+                "failure_rate": unparsed / n if n else 0.0},
+      "counts": {"samples": n, "subsets": len(per_subset)},
+  }
+
+
+def fingerprint(obj: Any) -> str:
+  """A short sha256 of a JSON-able object (a resolved config, a checkpoint's metadata), key-order free."""
+  blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to a temp name beside `path`, fsyncs, then renames it into place."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_samples(path: str | os.PathLike, records: Iterable[SampleRecord]) -> None:
+  """Per-sample JSONL, sorted by sample_id, written atomically."""
+  lines = [json.dumps(r.to_dict(), ensure_ascii=False, sort_keys=True)
+           for r in sorted(records, key=lambda r: r.sample_id)]
+  atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_samples(path: str | os.PathLike) -> list[SampleRecord]:
+  """Reads a samples JSONL; a bad line raises naming the file and line number."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        d = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+      out.append(SampleRecord.from_dict(d, where=f"{path}:{lineno}"))
+  return out
+
+
+def write_results(workdir: str | os.PathLike, records: Sequence[SampleRecord], config: Any = None,
+                  checkpoint: Any = None, extra: Mapping[str, Any] | None = None,
+                  config_fingerprint: str | None = None, checkpoint_fingerprint: str | None = None
+                  ) -> dict[str, Any]:
+  """Writes samples.jsonl and results.json into `workdir` and returns the results dict.
+
+  `config` (the resolved config as a dict) and `checkpoint` (a path, step and/or metadata) are stored
+  with their fingerprints so a table can say exactly which run and weights a number came from; pass a
+  fingerprint explicitly (e.g. a hash of the checkpoint files) to use it instead of `fingerprint(...)`.
+  """
+  workdir = Path(workdir)
+  results = aggregate(records)
+  results["config"] = config
+  results["config_fingerprint"] = config_fingerprint or fingerprint(config)
+  results["checkpoint"] = checkpoint
+  results["checkpoint_fingerprint"] = checkpoint_fingerprint or fingerprint(checkpoint)
+  if extra:
+    results.update(extra)
+  write_samples(workdir / SAMPLES_FILE, records)
+  atomic_write_text(workdir / RESULTS_FILE, json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+  return results
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a results.json (or the one inside a workdir)."""
+  path = Path(path)
+  if path.is_dir():
+    path = path / RESULTS_FILE
+  try:
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  for key in ("overall", "per_subset"):
+    if key not in results:
+      raise ValueError(f"{path}: missing key {key!r}; is this a medcg results.json?")
+  return results
+
+
+def subset_accuracy(results: Mapping[str, Any], subset: int | str) -> float | None:
+  """A subset's accuracy (fraction) in a results dict, or None when it was not evaluated."""
+  entry = results["per_subset"].get(f"{mat.get(subset).id:02d}")
+  return None if entry is None else entry["accuracy"]

@@ -1,0 +1,89 @@
+"""What every run writes next to its checkpoints: resolved config, git commit, package versions, devices."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "numpy",
+            "tensorflow-datasets", "medcg")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Write to a temp file in the same directory, then rename: readers never see half a file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def git_commit(repo_dir: str | None = None) -> str:
+  repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    out = subprocess.run(["git", "-C", repo_dir, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run(["git", "-C", repo_dir, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10)
+    if out.returncode:
+      return "unknown"
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "not installed"
+  return out
+
+
+def device_info() -> dict[str, Any]:
+  return {
+      "backend": jax.default_backend(),
+      "process_index": jax.process_index(),
+      "process_count": jax.process_count(),
+      "devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
+      "local_device_count": jax.local_device_count(),
+      "host": platform.node(),
+      "python": sys.version.split()[0],
+  }
+
+
+def write_run_record(workdir: str, config) -> dict[str, Any]:
+  """config.json (resolved) and run.json (commit, versions, devices, argv) in the workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
+  record = {
+      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "git_commit": git_commit(),
+      "packages": package_versions(),
+      "devices": device_info(),
+      "argv": sys.argv,
+  }
+  atomic_write_json(os.path.join(workdir, "run.json"), record)
+  return record

@@ -1,0 +1,338 @@
+"""The medcg trainer: one readable loop from a laptop CPU to a TPU pod.
+
+    python -m medcg.train --config configs/cg_table3.py:row=15 --workdir runs/row15 [--config.train.lr=1e-4]
+
+Sections: set up (multi-host, logging, run record) -> mesh -> input pipeline -> model & optimizer, created
+sharded -> checkpoint restore or init_from -> update step -> evaluation -> train loop (SIGTERM-safe,
+NaN-checked). Restarting with the same workdir resumes exactly: same params, optimizer state, and the
+data iterator at the same position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from medcg.train import checkpoint as ckpt_lib
+from medcg.train import mfu as mfu_lib
+from medcg.train import optimizer as opt_lib
+from medcg.train import run_record
+from medcg.train import sharding as shd
+from medcg.train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or inf; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  losses: list[float]            # per step, in order (this process's run only)
+  metrics: dict[str, float]      # last step's metrics + final eval
+  preempted: bool = False
+
+
+class _Preemption:
+  """SIGTERM (TPU VMs, schedulers) sets a flag; the loop checkpoints at the next step boundary and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      logging.warning("SIGTERM received: checkpointing at the next step boundary")
+      self.requested = True
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (e.g. a test harness): no handler
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def any_host(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """jax.distributed.initialize() when more than one process is configured (flags or the environment)."""
+  if num_processes > 1 or coordinator:
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator or None,
+                               num_processes=num_processes or None,
+                               process_id=None if process_id < 0 else process_id)
+  elif os.environ.get("MEDCG_DISTRIBUTED", "") == "1":  # pods: the environment says everything
+    jax.distributed.initialize()
+
+
+def _metric_writer(workdir: str):
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> jax.sharding.Mesh:
+  """Checks that need no compilation: mesh vs devices, batch vs data parallelism, accumulation."""
+  mesh = shd.make_mesh(config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh)
+  dp = shd.data_parallel_size(mesh)
+  b = config.data.batch_size
+  if b % dp:
+    raise ValueError(f"config.data.batch_size={b} is not divisible by the data-parallel size {dp} "
+                     f"(config.mesh={dict(mesh.shape)})")
+  if b % jax.process_count():
+    raise ValueError(f"config.data.batch_size={b} is not divisible by the {jax.process_count()} processes")
+  acc = config.train.accum_steps
+  if acc < 1 or (b // dp) % acc:
+    raise ValueError(f"config.train.accum_steps={acc} must divide the per-shard batch {b // dp}")
+  if not config.data.train_mixture:
+    raise ValueError("config.data.train_mixture is empty: nothing to train on")
+  return mesh
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          evaluate_fn: Callable[..., dict[str, float]] | None = None,
+          fail_at_step: int = -1) -> TrainResult:
+  """Train per `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  evaluate_fn(model, step) -> metrics is the evaluation hook (medcg.eval plugs in); without it the trainer
+  reports teacher-forced loss / answer accuracy on config.data.eval_mixture.
+  fail_at_step injects a NaN loss at that step (tests of the NaN guard).
+  """
+  from medcg.data import pipeline
+  from medcg.data import tokenizer as tok_lib
+  from medcg import model as model_lib
+
+  # --------------------------------------------------------------------------------------------------
+  # Set up: run record, logging.
+  # --------------------------------------------------------------------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  mesh = validate_config(config, jax.device_count())
+  if jax.process_index() == 0:
+    run_record.write_run_record(workdir, config)
+  writer = _metric_writer(workdir)
+  logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
+
+  # --------------------------------------------------------------------------------------------------
+  # Input pipeline: per-host slices of the global batch.
+  # --------------------------------------------------------------------------------------------------
+  tokenizer = tok_lib.make_tokenizer(config.data.tokenizer)
+  data_cfg = model_lib.data_config_for_model(config.data, config.model, config.trim, tokenizer)
+  train_iter = pipeline.make_train_iterator(data_cfg, tokenizer, seed=config.seed,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  n_train = sum(n for _, _, n in data_cfg.train_mixture)
+  steps_per_epoch = max(n_train // config.data.batch_size, 1)
+  total_steps = config.train.steps or steps_per_epoch * config.train.epochs
+
+  # --------------------------------------------------------------------------------------------------
+  # Model & optimizer, created already sharded: eval_shape -> shardings from the rules -> jitted init.
+  # --------------------------------------------------------------------------------------------------
+  model_cfg = model_lib.model_config(config.model, config.trim, tokenizer)
+  abstract_model = nnx.eval_shape(lambda: model_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed)))
+  frozen_f = opt_lib.frozen_filter(config.train.freeze)
+  trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
+  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
+  if config.train.freeze:
+    opt_lib.check_patterns_match(nnx.state(abstract_model, nnx.Param), config.train.freeze, "config.train.freeze")
+  tx, schedule = opt_lib.make_optimizer(config.train, abs_params, total_steps)
+
+  params_sh = shd.param_shardings(abs_params, mesh)
+  frozen_sh = shd.param_shardings(abs_frozen, mesh)
+  rest_sh = shd.param_shardings(abs_rest, mesh)
+
+  def init_all():
+    m = model_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed))
+    _, p, f, r = nnx.split(m, trainable_f, nnx.Param, ...)
+    return p, f, r
+
+  with shd.use_mesh(mesh):
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_sh = _opt_shardings(abs_opt, abs_params, params_sh, mesh)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = {"params": params_sh, "opt_state": opt_sh, "step": repl}
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoint: resume from this workdir, else init_from (HF or another run), else scratch.
+    # ------------------------------------------------------------------------------------------------
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
+                                 best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
+    params, frozen, rest = jax.jit(init_all, out_shardings=(params_sh, frozen_sh, rest_sh))()
+    if ckpt.latest_step() is not None:
+      abstract_state = {
+          "params": _abstract(abs_params, params_sh),
+          "opt_state": _abstract(abs_opt, opt_sh),
+          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+      }
+      state = ckpt.restore(abstract_state, train_iter)
+      logging.info("resumed from step %d", int(state["step"]))
+    else:
+      if config.train.init_from_hf:
+        params, frozen = model_lib.load_hf_into(config.train.init_from_hf, graphdef, params, frozen,
+                                                 params_sh, frozen_sh)
+      elif config.train.init_from:
+        params = ckpt_lib.restore_params_only(os.path.join(config.train.init_from, "checkpoints"),
+                                              _abstract(abs_params, params_sh))
+      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+      state = {"params": params, "opt_state": opt_state,
+               "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
+
+    # ------------------------------------------------------------------------------------------------
+    # Update step: plain jax.jit with shardings in and out, the state donated.
+    # ------------------------------------------------------------------------------------------------
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, config.train.accum_steps),
+                         in_shardings=(state_sh, frozen_sh, rest_sh, None),
+                         out_shardings=(state_sh, repl), donate_argnums=(0,))
+    flops_per_example = model_lib.train_flops_per_example(model_cfg, data_cfg.seq_len)
+    flops_per_step = flops_per_example * config.data.batch_size
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation hook.
+    # ------------------------------------------------------------------------------------------------
+    def run_eval(state) -> dict[str, float]:
+      model = nnx.merge(graphdef, state["params"], frozen, rest)
+      if evaluate_fn is not None:
+        return evaluate_fn(model, int(state["step"]))
+      if not data_cfg.eval_mixture:
+        return {}
+      return _teacher_forced_eval(graphdef, state["params"], frozen, rest, data_cfg, tokenizer, mesh,
+                                  config.eval.batch_size)
+
+    # ------------------------------------------------------------------------------------------------
+    # Train loop.
+    # ------------------------------------------------------------------------------------------------
+    start = int(state["step"])
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    preempted = False
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=jax.process_index() != 0,
+               dynamic_ncols=True)
+    with _Preemption() as preemption:
+      step = start
+      while step < total_steps:
+        t0 = time.perf_counter()
+        local = next(train_iter)
+        batch = shd.global_batch(local, mesh)
+        state, m = train_step(state, frozen, rest, batch)
+        step += 1
+        loss = float(m["loss"])  # one host sync per step: the NaN guard needs it
+        if step == fail_at_step:
+          loss = float("nan")
+        if config.train.nan_check and not math.isfinite(loss):
+          ckpt.wait()
+          ids = [str(s) for s in np.asarray(local.get("sample_id", []))]
+          raise NonFiniteLossError(
+              f"loss is {loss} at step {step}; batch sample ids: {ids}. The last good checkpoint "
+              f"(step {ckpt.latest_step()}) in {ckpt.directory} is untouched.")
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if step % config.train.log_every == 0 or step == total_steps or step == start + 1:
+          metrics = {k: float(v) for k, v in m.items()}
+          metrics["step_time_s"] = dt
+          metrics["tokens_per_s"] = float(np.sum(local["attention_mask"])) * jax.process_count() / dt
+          u = mfu_lib.mfu(flops_per_step, dt, jax.device_count())
+          if u is not None:
+            metrics["mfu"] = u
+          _write_metrics(writer, workdir, step, {f"train/{k}": v for k, v in metrics.items()})
+          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
+        bar.update(1)
+        is_last = step == total_steps
+        eval_now = (config.eval.every and step % config.eval.every == 0) or is_last
+        eval_metrics = {}
+        if eval_now:
+          eval_metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
+          if eval_metrics:
+            _write_metrics(writer, workdir, step, eval_metrics)
+            metrics.update(eval_metrics)
+        if preemption.any_host():
+          ckpt.save(step, state, train_iter, metrics=eval_metrics or None, force=True)
+          preempted = True
+          break
+        if is_last or (config.checkpoint.every and step % config.checkpoint.every == 0):
+          best_ok = config.checkpoint.best_metric in eval_metrics
+          ckpt.save(step, state, train_iter, metrics=eval_metrics if best_ok else None, force=True)
+    bar.close()
+    ckpt.close()
+  if writer is not None:
+    writer.close()
+  return TrainResult(step=step, losses=losses, metrics=metrics, preempted=preempted)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers.
+# ------------------------------------------------------------------------------------------------------
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _opt_shardings(abs_opt, abs_params, params_sh, mesh):
+  """Optimizer moments shard like the param at the same path (optax keeps the param tree); scalars replicate."""
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  is_sh = lambda x: isinstance(x, jax.sharding.NamedSharding)
+  by_path = {opt_lib.param_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh, is_leaf=is_sh)}
+  # Longest param path first, so "a/b/kernel" wins over "b/kernel".
+  keys = sorted(by_path, key=len, reverse=True)
+
+  def pick(path, x):
+    if getattr(x, "ndim", 0) == 0:
+      return repl
+    name = opt_lib.param_path(path)
+    for key in keys:
+      if name == key or name.endswith("/" + key):
+        return by_path[key]
+    return repl
+
+  return jax.tree_util.tree_map_with_path(pick, abs_opt)
+
+
+def _write_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -> None:
+  if jax.process_index() != 0:
+    return
+  for k, v in metrics.items():
+    if writer is not None:
+      writer.add_scalar(k, v, step)
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _teacher_forced_eval(graphdef, params, frozen, rest, data_cfg, tokenizer, mesh, batch_size) -> dict[str, float]:
+  from medcg.data import pipeline
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef))
+  it = pipeline.make_eval_iterator(data_cfg, tokenizer, batch_size=batch_size,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+  totals: dict[str, float] = {}
+  for local in it:
+    local = dict(local)
+    valid = np.asarray(local.get("valid", np.ones(len(local["input_ids"]), bool)))
+    local["loss_mask"] = local["loss_mask"] * valid[:, None]
+    sums = eval_step(params, frozen, rest, shd.global_batch(local, mesh))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if not totals:
+    return {}
+  return {
+      "loss": totals["loss_sum"] / max(totals["tokens"], 1.0),
+      "answer_accuracy": totals["answers_right"] / max(totals["answers"], 1.0),
+      "examples": totals["answers"],
+  }
