@@ -72,12 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_mixture = []               # [(subset, split, n_samples)]; n_samples -1 = all
 
   c.model = ml_collections.ConfigDict()    # filled from configs/models.py presets
+  # dtype / param_dtype / remat applied to every tower of a model imported from Hugging Face.
+  c.model_overrides = ml_collections.ConfigDict(dict(dtype="", param_dtype="", remat=""))
 
   c.trim = ml_collections.ConfigDict(dict(
       enabled=False, mode="iqr_batch", k_max=0, ratio=0.0, impl="auto", text_source="question"))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=0,                  # > 0 wins over epochs
+      steps=-1,                 # >= 0 wins over epochs; 0 = no training (evaluate the untrained model)
       epochs=1,
       lr=1e-3, schedule="cosine", warmup_steps=0, warmup_frac=0.03, end_lr_frac=0.0,
       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
@@ -85,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
       freeze=(),                # regexes on param paths, e.g. ("vision/.*",)
       lr_groups=(),             # ((regex, multiplier), ...)
       init_from="",             # another run's workdir (params only)
-      init_from_hf="",          # a local Hugging Face checkpoint directory
+      init_from_hf="",          # a local Hugging Face LlavaForConditionalGeneration checkpoint directory
+      init_from_clip="",        # its CLIPModel checkpoint (TRIM's text tower and visual_projection)
       log_every=10,
       nan_check=True,
   ))

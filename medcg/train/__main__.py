@@ -15,6 +15,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # orbax and grain log every step at INFO
+    logging.set_verbosity(logging.WARNING)
   from medcg.train import trainer
   trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   result = trainer.train(FLAGS.config, FLAGS.workdir)

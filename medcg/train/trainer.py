@@ -104,8 +104,9 @@ def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> jax.sh
   acc = config.train.accum_steps
   if acc < 1 or (b // dp) % acc:
     raise ValueError(f"config.train.accum_steps={acc} must divide the per-shard batch {b // dp}")
-  if not config.data.train_mixture:
-    raise ValueError("config.data.train_mixture is empty: nothing to train on")
+  if config.train.steps != 0 and not config.data.mixture:
+    raise ValueError("config.data.mixture is empty: nothing to train on (set config.train.steps=0 to only "
+                     "evaluate the untrained model)")
   return mesh
 
 
@@ -120,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from medcg.data import pipeline
   from medcg.data import tokenizer as tok_lib
-  from medcg import model as model_lib
+  from medcg.model import vlm as vlm_lib
 
   # --------------------------------------------------------------------------------------------------
   # Set up: run record, logging.
@@ -133,36 +134,47 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
 
   # --------------------------------------------------------------------------------------------------
-  # Input pipeline: per-host slices of the global batch.
+  # Model config (from the checkpoint when fine-tuning Hugging Face weights) and tokenizer.
   # --------------------------------------------------------------------------------------------------
+  trim_cfg = config.trim if config.trim.enabled else None
+  model_cfg = model_config(config)
   tokenizer = tok_lib.make_tokenizer(config.data.tokenizer)
-  data_cfg = model_lib.data_config_for_model(config.data, config.model, config.trim, tokenizer)
-  train_iter = pipeline.make_train_iterator(data_cfg, tokenizer, seed=config.seed,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count())
-  n_train = sum(n for _, _, n in data_cfg.train_mixture)
-  steps_per_epoch = max(n_train // config.data.batch_size, 1)
-  total_steps = config.train.steps or steps_per_epoch * config.train.epochs
+  check_tokenizer(tokenizer, model_cfg)
+
+  # --------------------------------------------------------------------------------------------------
+  # Input pipeline: each host reads its slice of the global batch.
+  # --------------------------------------------------------------------------------------------------
+  n_image_tokens = vlm_lib.num_image_tokens(model_cfg, trim_cfg)
+  data_cfg = pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens)
+  if config.train.steps >= 0:
+    total_steps = config.train.steps
+  else:
+    n_train = sum(int(n) for _, _, n in config.data.mixture)
+    total_steps = max(n_train // config.data.batch_size, 1) * config.train.epochs
+  train_iter = None
+  if total_steps:
+    train_iter = pipeline.make_train_iterator(data_cfg, tokenizer, seed=config.seed,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
 
   # --------------------------------------------------------------------------------------------------
   # Model & optimizer, created already sharded: eval_shape -> shardings from the rules -> jitted init.
   # --------------------------------------------------------------------------------------------------
-  model_cfg = model_lib.model_config(config.model, config.trim, tokenizer)
-  abstract_model = nnx.eval_shape(lambda: model_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed)))
+  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
+  abstract_model = nnx.eval_shape(make_model)
   frozen_f = opt_lib.frozen_filter(config.train.freeze)
   trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
   graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
   if config.train.freeze:
     opt_lib.check_patterns_match(nnx.state(abstract_model, nnx.Param), config.train.freeze, "config.train.freeze")
-  tx, schedule = opt_lib.make_optimizer(config.train, abs_params, total_steps)
+  tx, schedule = opt_lib.make_optimizer(config.train, abs_params, max(total_steps, 1))
 
   params_sh = shd.param_shardings(abs_params, mesh)
   frozen_sh = shd.param_shardings(abs_frozen, mesh)
   rest_sh = shd.param_shardings(abs_rest, mesh)
 
   def init_all():
-    m = model_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed))
-    _, p, f, r = nnx.split(m, trainable_f, nnx.Param, ...)
+    _, p, f, r = nnx.split(make_model(), trainable_f, nnx.Param, ...)
     return p, f, r
 
   with shd.use_mesh(mesh):
@@ -177,20 +189,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
                                  best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
-    params, frozen, rest = jax.jit(init_all, out_shardings=(params_sh, frozen_sh, rest_sh))()
+    # Frozen params are not in our checkpoints: they come from the HF checkpoint or the seeded init.
+    if config.train.init_from_hf:
+      loaded = vlm_lib.load_llava(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
+                                  trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
+      _, params, frozen, rest = nnx.split(loaded, trainable_f, nnx.Param, ...)
+      del loaded
+    else:
+      params, frozen, rest = jax.jit(init_all, out_shardings=(params_sh, frozen_sh, rest_sh))()
     if ckpt.latest_step() is not None:
+      del params
       abstract_state = {
           "params": _abstract(abs_params, params_sh),
           "opt_state": _abstract(abs_opt, opt_sh),
           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
       }
       state = ckpt.restore(abstract_state, train_iter)
-      logging.info("resumed from step %d", int(state["step"]))
+      logging.info("resumed from step %d of %s", int(state["step"]), ckpt.directory)
     else:
-      if config.train.init_from_hf:
-        params, frozen = model_lib.load_hf_into(config.train.init_from_hf, graphdef, params, frozen,
-                                                 params_sh, frozen_sh)
-      elif config.train.init_from:
+      if config.train.init_from:
         params = ckpt_lib.restore_params_only(os.path.join(config.train.init_from, "checkpoints"),
                                               _abstract(abs_params, params_sh))
       opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -203,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, config.train.accum_steps),
                          in_shardings=(state_sh, frozen_sh, rest_sh, None),
                          out_shardings=(state_sh, repl), donate_argnums=(0,))
-    flops_per_example = model_lib.train_flops_per_example(model_cfg, data_cfg.seq_len)
+    flops_per_example = vlm_lib.model_flops(model_cfg, data_cfg.seq_len, training=True, trim=trim_cfg)
     flops_per_step = flops_per_example * config.data.batch_size
 
     # ------------------------------------------------------------------------------------------------
@@ -213,10 +230,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       model = nnx.merge(graphdef, state["params"], frozen, rest)
       if evaluate_fn is not None:
         return evaluate_fn(model, int(state["step"]))
-      if not data_cfg.eval_mixture:
+      if not config.data.eval_mixture:
         return {}
-      return _teacher_forced_eval(graphdef, state["params"], frozen, rest, data_cfg, tokenizer, mesh,
-                                  config.eval.batch_size)
+      eval_cfg = pipeline_config(config, config.data.eval_mixture, config.eval.batch_size, n_image_tokens)
+      return _teacher_forced_eval(graphdef, state["params"], frozen, rest, eval_cfg, tokenizer, mesh)
 
     # ------------------------------------------------------------------------------------------------
     # Train loop.
@@ -273,6 +290,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           best_ok = config.checkpoint.best_metric in eval_metrics
           ckpt.save(step, state, train_iter, metrics=eval_metrics if best_ok else None, force=True)
     bar.close()
+    if total_steps == 0:  # an untrained arm (the paper's Baseline): evaluate the initial model only
+      metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
+      _write_metrics(writer, workdir, 0, metrics)
     ckpt.close()
   if writer is not None:
     writer.close()
@@ -282,6 +302,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 # ------------------------------------------------------------------------------------------------------
 # Helpers.
 # ------------------------------------------------------------------------------------------------------
+def _dtype_overrides(config) -> dict[str, str]:
+  return {k: config.model_overrides[k] for k in ("dtype", "param_dtype", "remat")
+          if config.get("model_overrides") and config.model_overrides.get(k)}
+
+
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.model, or the config of the Hugging Face checkpoint being fine-tuned (config.train.init_from_hf)."""
+  from medcg.model import hf, vlm as vlm_lib
+  if config.train.init_from_hf:
+    ckpt = hf.open_checkpoint(config.train.init_from_hf)
+    clip_cfg = hf.open_checkpoint(config.train.init_from_clip).config if config.train.init_from_clip else None
+    return vlm_lib.config_from_llava(ckpt.config, clip_cfg, **_dtype_overrides(config))
+  if not config.model:
+    raise ValueError("config.model is empty: set a preset (configs/models.py) or config.train.init_from_hf")
+  return config.model
+
+
+def check_tokenizer(tokenizer, model_cfg) -> None:
+  """The tokenizer's special ids must be the model's, and its vocabulary must fit the embedding."""
+  if tokenizer.image_token_id != model_cfg.image_token_id:
+    raise ValueError(f"config.model.image_token_id={model_cfg.image_token_id} but the tokenizer "
+                     f"({tokenizer!r}) uses {tokenizer.image_token_id} for the image placeholder")
+  if tokenizer.vocab_size > model_cfg.llm.vocab_size and tokenizer.image_token_id < model_cfg.llm.vocab_size:
+    raise ValueError(f"config.model.llm.vocab_size={model_cfg.llm.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer.vocab_size})")
+
+
+def pipeline_config(config, mixture, global_batch: int, num_image_tokens: int) -> ml_collections.ConfigDict:
+  """The pipeline's `data` section for this host: its share of the global batch, the model's image slots."""
+  if global_batch % jax.process_count():
+    raise ValueError(f"batch size {global_batch} is not divisible by the {jax.process_count()} processes")
+  d = ml_collections.ConfigDict(config.data.to_dict())
+  d.mixture = [tuple(m) for m in mixture]
+  d.batch_size = global_batch // jax.process_count()
+  d.num_image_tokens = num_image_tokens
+  d.seed = config.seed
+  return d
+
+
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -316,11 +375,11 @@ def _write_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -
     f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def _teacher_forced_eval(graphdef, params, frozen, rest, data_cfg, tokenizer, mesh, batch_size) -> dict[str, float]:
+def _teacher_forced_eval(graphdef, params, frozen, rest, data_cfg, tokenizer, mesh) -> dict[str, float]:
   from medcg.data import pipeline
   eval_step = jax.jit(step_lib.make_eval_step(graphdef))
-  it = pipeline.make_eval_iterator(data_cfg, tokenizer, batch_size=batch_size,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+  it = pipeline.make_eval_iterator(data_cfg, tokenizer, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
   totals: dict[str, float] = {}
   for local in it:
     local = dict(local)

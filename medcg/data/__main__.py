@@ -1,0 +1,142 @@
+"""Command line for Med-MAT data: `python -m medcg.data {synth,convert,inspect} ...`.
+
+  python -m medcg.data synth --out /data/synthmat --image-size 64 --per-subset 200
+  python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image-size 64
+  python -m medcg.data inspect /data/medmat_shards [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from medcg import mat
+from medcg.data import features as features_lib
+from medcg.data import shards as shards_lib
+
+
+def _subset_list(text: str) -> list[int]:
+  try:
+    return [mat.get(part).id for part in text.split(",") if part.strip()]
+  except KeyError as e:
+    raise argparse.ArgumentTypeError(str(e.args[0])) from e
+
+
+def _positive(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+  return value
+
+
+def summary(manifest: shards_lib.Manifest, with_example: bool = True) -> dict[str, Any]:
+  """A JSON-able summary of a converted dataset (no shard offsets), plus one decoded example."""
+  out: dict[str, Any] = {key: manifest.data.get(key) for key in
+                         ("format", "image_size", "shard_size", "on_error", "medcg_version", "source_root")}
+  out["root"] = str(manifest.root)
+  out["subsets"] = {}
+  for key, sub in manifest.data["subsets"].items():
+    out["subsets"][key] = {
+        "triplet": sub["triplet"],
+        "splits": {split: {"count": info["count"], "labels": info["labels"], "skipped": len(info.get("skipped", [])),
+                           "shards": len(info["shards"])}
+                   for split, info in sub["splits"].items()}}
+  if with_example:
+    for split in ("train", "test"):
+      ids = manifest.subsets(split)
+      if ids:
+        src = shards_lib.subset_source(manifest, ids[0], split)
+        ex = features_lib.parse_example(src[0], where=f"subset {ids[0]:02d} {split} record 0")
+        image = features_lib.decode_image(ex.pop("image"))
+        ex["image_shape"] = list(image.shape)
+        ex["image_dtype"] = str(image.dtype)
+        out["example"] = ex
+        break
+  return out
+
+
+def _print_table(info: dict[str, Any]) -> None:
+  from rich.console import Console
+  from rich.table import Table
+  table = Table(title=f"Med-MAT shards at {info['root']} ({info['format']}, {info['image_size']} px)")
+  for col in ("subset", "modality", "area", "task", "train", "test", "skipped", "labels (train or test)"):
+    table.add_column(col)
+  for key, sub in info["subsets"].items():
+    splits = sub["splits"]
+    labels = (splits.get("train") or splits.get("test") or {}).get("labels", {})
+    table.add_row(key, *sub["triplet"],
+                  *(str(splits[s]["count"]) if s in splits else "-" for s in ("train", "test")),
+                  str(sum(s["skipped"] for s in splits.values())),
+                  ", ".join(f"{k}: {v}" for k, v in labels.items()))
+  console = Console()
+  console.print(table)
+  if "example" in info:
+    ex = Table(title="one decoded example")
+    ex.add_column("field")
+    ex.add_column("value")
+    for k, v in info["example"].items():
+      ex.add_row(k, str(v))
+    console.print(ex)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m medcg.data", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("synth", help="write SynthMAT (release layout, schema A JSON + PNGs)")
+  p.add_argument("--out", required=True)
+  p.add_argument("--image-size", type=_positive, default=64)
+  p.add_argument("--per-subset", type=_positive, default=300, help="train samples per subset")
+  p.add_argument("--test-per-subset", type=int, default=60,
+                 help="test samples per subset (rounded down to a multiple of the label count)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--subsets", type=_subset_list, default=None, help="comma-separated ids (default: 1-37)")
+
+  p = sub.add_parser("convert", help="convert a Med-MAT root into TFDS shards + manifest.json")
+  p.add_argument("--src", required=True, help="Med-MAT root (real release or SynthMAT)")
+  p.add_argument("--out", required=True)
+  p.add_argument("--shard-size", type=_positive, default=1024, help="records per shard")
+  p.add_argument("--image-size", type=_positive, default=336, help="square image side in pixels")
+  p.add_argument("--format", choices=shards_lib.FORMATS, default="tfrecord")
+  p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+  p.add_argument("--subsets", type=_subset_list, default=None, help="comma-separated ids (default: all found)")
+  p.add_argument("--no-progress", action="store_true")
+
+  p = sub.add_parser("inspect", help="print the manifest summary and one decoded example")
+  p.add_argument("dir")
+  p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+  p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+
+  args = parser.parse_args(argv)
+  if args.command == "synth":
+    from medcg.data import synthetic  # the SynthMAT generator
+    synthetic.write_synthmat(args.out, image_size=args.image_size, per_subset=args.per_subset,
+                             test_per_subset=args.test_per_subset, seed=args.seed, subsets=args.subsets,
+                             progress=not args.no_progress)
+    print(f"wrote SynthMAT to {args.out}")
+  elif args.command == "convert":
+    from medcg.data import tfds_builder  # imports tfds (and TensorFlow when writing TFRecord)
+    manifest = tfds_builder.convert(args.src, args.out, subsets=args.subsets, image_size=args.image_size,
+                                    shard_size=args.shard_size, fmt=args.format, on_error=args.on_error,
+                                    progress=not args.no_progress)
+    n = {split: sum(manifest.count(s, split) for s in manifest.subsets(split)) for split in shards_lib.SPLITS}
+    print(f"converted {len(manifest.data['subsets'])} subsets to {args.out}: "
+          + ", ".join(f"{k} {v}" for k, v in n.items()))
+  else:
+    manifest = shards_lib.Manifest.load(args.dir)
+    if args.verify:
+      manifest.verify()
+    info = summary(manifest)
+    if args.json:
+      json.dump(info, sys.stdout, indent=1, ensure_ascii=False)
+      print()
+    else:
+      _print_table(info)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

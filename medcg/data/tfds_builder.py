@@ -1,0 +1,387 @@
+"""The `med_mat` TFDS builder and the resumable, atomic converter behind `python -m medcg.data convert`.
+
+Shards are a standard TFDS dataset (one builder config per subset, `subset_03`, splits as present in
+the source), so `tfds.builder_from_directory(out/med_mat/subset_03/1.0.0)` and
+`tfds.load("med_mat/subset_03", data_dir=out)` work for tf.data users. medcg itself reads them
+through `shards.py` and `manifest.json`, without TensorFlow.
+
+TFRecord (the default, so the output is what `tfds.load` reads with tf.data) needs TensorFlow at
+conversion time only, because tfds writes it with `tf.io`. ArrayRecord (`--format array_record`)
+needs no TensorFlow. Either way medcg reads records by index, so grain gets exact mixtures and exact
+global shuffles from both.
+
+Atomicity: each subset is built in `out/.tmp/` and moved into place with `os.replace`; completed
+subsets are recorded in `manifest.partial.json`; `manifest.json` (the only file readers trust) is
+written last. A re-run keeps subsets that are complete with identical settings and source files,
+and rebuilds the rest.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+from tqdm import tqdm
+
+import medcg
+from medcg import mat
+from medcg.data import features as features_lib
+from medcg.data import medmat
+from medcg.data import shards as shards_lib
+
+NAME = "med_mat"
+VERSION = "1.0.0"
+DEFAULT_IMAGE_SIZE = 336
+DEFAULT_SHARD_SIZE = 1024
+TMP_DIR = ".tmp"
+
+
+def config_name(subset: int | str) -> str:
+  """The builder config name of a subset ("subset_03")."""
+  return f"subset_{mat.get(subset).id:02d}"
+
+
+@dataclasses.dataclass(eq=False)
+class MedMatConfig(tfds.core.BuilderConfig):
+  """One Med-MAT subset."""
+  subset: int = 0
+
+
+def _configs() -> list[MedMatConfig]:
+  out = []
+  for sid in mat.CLASSIFICATION_SUBSETS:
+    s = mat.get(sid)
+    out.append(MedMatConfig(name=config_name(sid), version=VERSION, subset=sid,
+                            description=f"Med-MAT {s.name}: {s.task} ({s.modality}, {s.area}, {s.coarse_task})"))
+  return out
+
+
+def encode_square_png(path: str | os.PathLike, size: int) -> bytes:
+  """Loads an image, converts it to RGB, resizes it to size x size (bicubic) and encodes it as PNG."""
+  with Image.open(path) as img:
+    img = img.convert("RGB")
+    if img.size != (size, size):
+      img = img.resize((size, size), Image.Resampling.BICUBIC)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+class _RecordsPerShard(tfds.core.utils.shard_utils.ShardConfig):
+  """Shard by record count (`--shard-size`) rather than tfds' byte-size heuristic."""
+
+  def __init__(self, records_per_shard: int):
+    super().__init__()
+    object.__setattr__(self, "_records_per_shard", records_per_shard)
+
+  def get_number_shards(self, total_size: int, num_examples: int, uses_precise_sharding: bool = True) -> int:
+    return max(1, math.ceil(num_examples / self._records_per_shard))
+
+
+@dataclasses.dataclass(eq=False)
+class _ShardedDownloadConfig(tfds.download.DownloadConfig):
+  records_per_shard: int = DEFAULT_SHARD_SIZE
+
+  def get_shard_config(self):
+    return _RecordsPerShard(self.records_per_shard)
+
+
+class MedMat(tfds.core.GeneratorBasedBuilder):
+  """Med-MAT multiple-choice samples, one config per classification subset (01-37)."""
+
+  VERSION = tfds.core.Version(VERSION)
+  RELEASE_NOTES = {str(VERSION): "Both released schemas; images resized to a square PNG."}
+  BUILDER_CONFIGS = _configs()
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Point manual_dir at a Med-MAT root: Aggregated_Subsets/Subset--NN-<split>.json (schema A) with the "
+      "med-mat/ image folders, or root-level Subset-NN-<split>.json (schema B) with images/; SynthMAT "
+      "(`python -m medcg.data synth`) writes the same layout.")
+
+  def __init__(self, *, image_size: int = DEFAULT_IMAGE_SIZE, on_error: str = "fail", **kwargs):
+    self.image_size = int(image_size)
+    self.on_error = on_error
+    self.skipped: dict[str, list[medmat.Skipped]] = collections.defaultdict(list)
+    self._records: dict[str, list[medmat.Record]] | None = None
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text = tfds.features.Text()
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "sample_id": text, "subset": tfds.features.Scalar(np.int64), "split": text,
+            "modality": text, "area": text, "task": text, "question": text,
+            "options": tfds.features.Sequence(text), "answer": text, "caption": text, "data_no": text,
+        }),
+        homepage="https://huggingface.co/datasets/FreedomIntelligence/Med-MAT",
+        citation="arXiv:2412.20070",
+        metadata=tfds.core.MetadataDict(image_size=self.image_size),
+    )
+
+  def readable_records(self, root: str | os.PathLike) -> dict[str, list[medmat.Record]]:
+    """The subset's valid records per split, read once from the Med-MAT root; skips go to `skipped`."""
+    if self._records is None:
+      root = Path(root)
+      files = medmat.subset_files(root).get(self.builder_config.subset, {})
+      if not files:
+        raise medmat.MedMatError(root, f"no JSON files for subset {self.builder_config.subset:02d}")
+      records = {}
+      for split, sf in files.items():
+        result = medmat.read_file(sf, root, on_error=self.on_error)
+        self.skipped[split].extend(result.skipped)
+        records[split] = result.records
+      self._records = records
+    return self._records
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    records = self.readable_records(dl_manager.manual_dir)
+    return {split: self._generate_examples(recs, split) for split, recs in records.items() if recs}
+
+  def _generate_examples(self, records: Sequence[medmat.Record], split: str):
+    # Pillow releases the GIL while decoding, resizing and deflating, so threads encode in parallel;
+    # a bounded window keeps at most a few hundred encoded images in memory.
+    window = 256
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+      for start in range(0, len(records), window):
+        chunk = records[start:start + window]
+        for r, png in zip(chunk, pool.map(self._encode, chunk)):
+          if isinstance(png, Exception):
+            err = medmat.MedMatError(r.source, f"cannot decode image {r.image_path}: {png}", r.index, "image")
+            if self.on_error == "fail":
+              raise err from png
+            self.skipped[split].append(medmat.Skipped(err.file, err.index, err.field, err.reason))
+            continue
+          modality, area, task = r.triplet
+          yield r.sample_id, {
+              "image": png, "sample_id": r.sample_id, "subset": r.subset, "split": r.split,
+              "modality": modality, "area": area, "task": task, "question": r.question,
+              "options": r.option_list, "answer": r.answer, "caption": r.caption, "data_no": r.data_no,
+          }
+
+  def _encode(self, record: medmat.Record) -> bytes | Exception:
+    try:
+      return encode_square_png(record.image_path, self.image_size)
+    except Exception as e:  # Pillow decode errors come in many types; reported per record above
+      return e
+
+
+# -- conversion ----------------------------------------------------------------------------------------
+
+def _source_fingerprint(files: dict[str, medmat.SourceFile]) -> dict[str, Any]:
+  return {split: {"file": sf.path, "schema": sf.schema, "sha256": shards_lib.sha256_file(sf.path)}
+          for split, sf in sorted(files.items())}
+
+
+def _settings(fmt: str, image_size: int, shard_size: int, on_error: str) -> dict[str, Any]:
+  return {"format": fmt, "image_size": image_size, "shard_size": shard_size, "on_error": on_error,
+          "medcg_version": medcg.__version__, "builder_version": VERSION}
+
+
+def _fingerprint(settings: dict[str, Any], sources: dict[str, Any]) -> str:
+  blob = json.dumps({"settings": settings, "sources": sources}, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()
+
+
+def _index_split(subset_dir: Path, split: str, fmt: str, count: int) -> dict[str, Any]:
+  """Shard list (counts, sizes, sha256, offset index), label histogram and record check of one split."""
+  suffix = "tfrecord" if fmt == "tfrecord" else "array_record"
+  paths = sorted(subset_dir.glob(f"{NAME}-{split}.{suffix}-*-of-*"))
+  paths = [p for p in paths if not p.name.endswith(shards_lib.OFFSETS_SUFFIX)]
+  entries, shard_objs = [], []
+  for path in paths:
+    offsets_rel = None
+    if fmt == "tfrecord":
+      offsets = shards_lib.scan_tfrecord(path)
+      offsets_path = path.with_name(path.name + shards_lib.OFFSETS_SUFFIX)
+      np.save(offsets_path, offsets, allow_pickle=False)
+      offsets_rel = str(offsets_path.relative_to(subset_dir))
+      n = len(offsets)
+    else:
+      from array_record.python import array_record_module
+      reader = array_record_module.ArrayRecordReader(str(path))
+      n = reader.num_records()
+      reader.close()
+    entry = {"file": path.name, "count": int(n), "bytes": path.stat().st_size,
+             "sha256": shards_lib.sha256_file(path), "offsets": offsets_rel}
+    entries.append(entry)
+    shard_objs.append(shards_lib.Shard(str(path), entry["count"], entry["bytes"], entry["sha256"],
+                                       str(subset_dir / offsets_rel) if offsets_rel else None))
+  total = sum(e["count"] for e in entries)
+  if total != count:
+    raise shards_lib.ShardError(f"{subset_dir}: split {split} shards hold {total} records, tfds reported {count}")
+  source = (shards_lib.TFRecordSource if fmt == "tfrecord" else shards_lib.ArrayRecordSource)(shard_objs)
+  labels = collections.Counter()
+  for i in range(len(source)):
+    labels[features_lib.parse_example(source[i], where=f"{subset_dir} {split} record {i}")["caption"]] += 1
+  if fmt == "tfrecord":
+    source.close()
+  return {"count": total, "labels": dict(sorted(labels.items())), "shards": entries}
+
+
+def _build_subset(src: Path, out: Path, subset: int, files: dict[str, medmat.SourceFile],
+                  settings: dict[str, Any], sources: dict[str, Any]) -> dict[str, Any]:
+  """Builds one subset in a temp dir, indexes it, and moves it into `out/med_mat/subset_NN`."""
+  name = config_name(subset)
+  tmp = out / TMP_DIR / f"{name}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir(parents=True)
+  builder = MedMat(config=name, data_dir=str(tmp), file_format=settings["format"],
+                   image_size=settings["image_size"], on_error=settings["on_error"])
+  tmp_subset_dir = tmp / NAME / name / VERSION
+  try:
+    if not any(builder.readable_records(src).values()):
+      # Every record was skipped: tfds cannot write a config without examples, the manifest
+      # still records the subset with its skip reasons.
+      tmp_subset_dir = None
+      split_counts = {}
+    else:
+      builder.download_and_prepare(download_config=_ShardedDownloadConfig(
+          manual_dir=str(src), records_per_shard=settings["shard_size"]))
+      split_counts = {k: v.num_examples for k, v in builder.info.splits.items()}
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  splits = {}
+  for split in sorted(files):
+    if tmp_subset_dir is not None and split in split_counts:
+      entry = _index_split(tmp_subset_dir, split, settings["format"], split_counts[split])
+    else:
+      entry = {"count": 0, "labels": {}, "shards": []}
+    entry["skipped"] = [s.to_json() for s in builder.skipped.get(split, [])]
+    splits[split] = entry
+  rel_dir = Path(NAME) / name / VERSION
+  for entry in splits.values():
+    for shard in entry["shards"]:
+      shard["file"] = str(rel_dir / shard["file"])
+      if shard["offsets"]:
+        shard["offsets"] = str(rel_dir / shard["offsets"])
+  # Move into place: the old version (if any) goes to the temp area first, then is deleted.
+  final = out / NAME / name
+  if final.exists():
+    os.replace(final, out / TMP_DIR / f"old-{name}-{uuid.uuid4().hex[:8]}")
+  final.parent.mkdir(parents=True, exist_ok=True)
+  if tmp_subset_dir is not None:
+    os.replace(tmp / NAME / name, final)
+  shutil.rmtree(tmp, ignore_errors=True)
+  s = mat.get(subset)
+  return {"config": name, "dir": str(rel_dir), "name": s.name, "triplet": list(s.triplet),
+          "settings": settings, "sources": sources, "fingerprint": _fingerprint(settings, sources),
+          "splits": splits}
+
+
+def _shards_present(out: Path, entry: dict[str, Any]) -> bool:
+  for split in entry["splits"].values():
+    for shard in split["shards"]:
+      path = out / shard["file"]
+      if not path.exists() or path.stat().st_size != shard["bytes"]:
+        return False
+      if shard.get("offsets") and not (out / shard["offsets"]).exists():
+        return False
+  return True
+
+
+def _previous_entries(out: Path) -> dict[str, dict[str, Any]]:
+  for name in (shards_lib.MANIFEST, shards_lib.PARTIAL_MANIFEST):
+    path = out / name
+    if path.exists():
+      try:
+        with open(path, encoding="utf-8") as f:
+          data = json.load(f)
+        if data.get("medcg_manifest") == shards_lib.MANIFEST_VERSION:
+          return dict(data.get("subsets", {}))
+      except (json.JSONDecodeError, OSError) as e:
+        logging.warning("ignoring unreadable %s (%s); converting from scratch", path, e)
+      return {}
+  return {}
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable[int | str] | None = None,
+            image_size: int = DEFAULT_IMAGE_SIZE, shard_size: int = DEFAULT_SHARD_SIZE,
+            fmt: str = "tfrecord", on_error: str = "fail", progress: bool = True) -> shards_lib.Manifest:
+  """Converts a Med-MAT root (real release or SynthMAT) into shards plus `manifest.json`.
+
+  Subsets already complete in `out` with the same settings and identical source JSON are kept;
+  others are (re)built. Returns the loaded manifest.
+  """
+  if fmt not in shards_lib.FORMATS:
+    raise ValueError(f"--format must be one of {shards_lib.FORMATS}, not {fmt!r}")
+  if on_error not in ("fail", "skip"):
+    raise ValueError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
+  if image_size < 1 or shard_size < 1:
+    raise ValueError(f"--image-size ({image_size}) and --shard-size ({shard_size}) must be positive")
+  src, out = Path(src).resolve(), Path(out).resolve()
+  available = medmat.subset_files(src)
+  other = [sid for sid in available if not mat.get(sid).is_classification]
+  if subsets is None:
+    if other:
+      logging.warning("skipping non-classification subsets %s: the med_mat builder holds multiple-choice "
+                      "subsets 01-37 only", other)
+    wanted = [sid for sid in available if sid not in other]
+  else:
+    wanted = sorted({mat.get(s).id for s in subsets})
+    bad = [s for s in wanted if not mat.get(s).is_classification]
+    if bad:
+      raise ValueError(f"subsets {bad} are detection/segmentation subsets; the med_mat builder holds the "
+                       "multiple-choice subsets 01-37 only")
+    missing = [s for s in wanted if s not in available]
+    if missing:
+      raise medmat.MedMatError(src, f"no JSON files for subsets {missing}; the source has {list(available)}")
+  if not wanted:
+    raise medmat.MedMatError(src, "no Med-MAT subset files found (Aggregated_Subsets/Subset--NN-<split>.json "
+                             "or Subset-NN-<split>.json)")
+  if not progress:
+    tfds.disable_progress_bar()
+  out.mkdir(parents=True, exist_ok=True)
+  shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # leftovers of an interrupted run
+  for leftover in out.glob(".manifest*.tmp-*"):
+    leftover.unlink()
+  settings = _settings(fmt, image_size, shard_size, on_error)
+  previous = _previous_entries(out)
+  # Keep completed subsets converted with the same settings (requested now or not).
+  kept = {k: v for k, v in previous.items()
+          if v.get("settings") == settings and _shards_present(out, v)}
+  todo = []
+  for sid in wanted:
+    key = shards_lib.subset_key(sid)
+    sources = _source_fingerprint(available[sid])
+    if key in kept and kept[key]["fingerprint"] == _fingerprint(settings, sources):
+      continue
+    kept.pop(key, None)
+    todo.append((sid, sources))
+  stale = sorted(set(previous) - set(kept) - {shards_lib.subset_key(s) for s, _ in todo})
+
+  def header() -> dict[str, Any]:
+    return {"medcg_manifest": shards_lib.MANIFEST_VERSION, "medcg_version": medcg.__version__,
+            "builder": NAME, **settings, "source_root": str(src),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "subsets": dict(sorted(entries.items()))}
+
+  entries = dict(kept)
+  if todo or stale or not (out / shards_lib.MANIFEST).exists():
+    # Demote before touching any subset: readers must never see a manifest that is being changed.
+    shards_lib.write_json_atomic(out / shards_lib.PARTIAL_MANIFEST, header())
+    (out / shards_lib.MANIFEST).unlink(missing_ok=True)
+    for key in stale:
+      shutil.rmtree(out / NAME / config_name(int(key)), ignore_errors=True)
+    bar = tqdm(todo, desc="convert", unit="subset", disable=not progress)
+    for sid, sources in bar:
+      bar.set_postfix_str(config_name(sid))
+      entries[shards_lib.subset_key(sid)] = _build_subset(src, out, sid, available[sid], settings, sources)
+      shards_lib.write_json_atomic(out / shards_lib.PARTIAL_MANIFEST, header())
+    shards_lib.write_json_atomic(out / shards_lib.MANIFEST, header())
+    (out / shards_lib.PARTIAL_MANIFEST).unlink(missing_ok=True)
+  shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+  return shards_lib.Manifest.load(out)
