@@ -90,10 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
       init_from_hf="",          # a local Hugging Face LlavaForConditionalGeneration checkpoint directory
       init_from_clip="",        # its CLIPModel checkpoint (TRIM's text tower and visual_projection)
       log_every=10,
+      log_batches=False,        # append every step's sample ids and loss to workdir/batches.jsonl
       nan_check=True,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axes (-1 fills the rest); num_devices > 0 uses only the first N devices (tests, debugging).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=0,                  # steps; 0 = only at the end (and on SIGTERM)

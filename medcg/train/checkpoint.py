@@ -71,20 +71,20 @@ class Checkpointer:
 
 
 def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> Any:
-  """`init_from` another run: read just the params of its latest (or given) checkpoint."""
+  """`init_from` another run / evaluation: read just the params of its latest (or given) checkpoint."""
   mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"config.train.init_from: no checkpoint in {directory}")
-  meta = mngr.item_metadata(step)["state"]
-  target = jax.tree.map(lambda x: x, {"params": abstract_params})
-  # Restore a sub-tree: orbax fills only the keys present in the target with partial_restore.
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"config.train.init_from: {directory} step {step} does not fit this model: {e}\n"
-                     f"checkpoint holds: {jax.tree.map(lambda m: getattr(m, 'shape', m), meta.get('params', meta))}"
-                     ) from e
-  mngr.close()
-  return restored["state"]["params"]
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step not in mngr.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have {list(mngr.all_steps())}")
+    target = {"params": abstract_params}
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{directory} step {step} does not fit this model's parameters: {e}") from e
+    return restored["state"]["params"]
+  finally:
+    mngr.close()

@@ -93,7 +93,11 @@ def _metric_writer(workdir: str):
 
 def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> jax.sharding.Mesh:
   """Checks that need no compilation: mesh vs devices, batch vs data parallelism, accumulation."""
-  mesh = shd.make_mesh(config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh)
+  axes = dict(config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh)
+  n_devices = axes.pop("num_devices", 0) or n_devices
+  if n_devices > jax.device_count():
+    raise ValueError(f"config.mesh.num_devices={n_devices} but only {jax.device_count()} devices exist")
+  mesh = shd.make_mesh(axes, devices=jax.devices()[:n_devices])
   dp = shd.data_parallel_size(mesh)
   b = config.data.batch_size
   if b % dp:
@@ -264,6 +268,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
               f"(step {ckpt.latest_step()}) in {ckpt.directory} is untouched.")
         dt = time.perf_counter() - t0
         losses.append(loss)
+        if config.train.log_batches and jax.process_index() == 0:
+          with open(os.path.join(workdir, "batches.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss,
+                                "sample_ids": [str(x) for x in np.asarray(local["sample_id"])]}) + "\n")
         if step % config.train.log_every == 0 or step == total_steps or step == start + 1:
           metrics = {k: float(v) for k, v in m.items()}
           metrics["step_time_s"] = dt
@@ -395,3 +403,52 @@ def _teacher_forced_eval(graphdef, params, frozen, rest, data_cfg, tokenizer, me
       "answer_accuracy": totals["answers_right"] / max(totals["answers"], 1.0),
       "examples": totals["answers"],
   }
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to its workdir (config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a medcg.train workdir")
+  with open(path) as f:
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: malformed JSON ({e})") from e
+
+
+def load_model_from_workdir(workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None,
+                            mesh: jax.sharding.Mesh | None = None):
+  """(model, config) of a run: its trained params from the checkpoint of `step` (latest by default).
+
+  Frozen parameters are not checkpointed; they come back from the same source as in training (the
+  seeded init, or the Hugging Face checkpoint). A run with no checkpoint (an untrained arm) gives the
+  initial model.
+  """
+  from medcg.model import vlm as vlm_lib
+  config = config or load_run_config(workdir)
+  mesh = mesh or shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  trim_cfg = config.trim if config.trim.enabled else None
+  model_cfg = model_config(config)
+  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
+  frozen_f = opt_lib.frozen_filter(config.train.freeze)
+  trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
+  abstract_model = nnx.eval_shape(make_model)
+  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
+  shardings = tuple(shd.param_shardings(s, mesh) for s in (abs_params, abs_frozen, abs_rest))
+  with shd.use_mesh(mesh):
+    if config.train.init_from_hf:
+      loaded = vlm_lib.load_llava(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
+                                  trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
+      _, params, frozen, rest = nnx.split(loaded, trainable_f, nnx.Param, ...)
+    else:
+      def init_all():
+        _, p, f, r = nnx.split(make_model(), trainable_f, nnx.Param, ...)
+        return p, f, r
+      params, frozen, rest = jax.jit(init_all, out_shardings=shardings)()
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+      params = ckpt_lib.restore_params_only(ckpt_dir, _abstract(abs_params, shardings[0]), step=step)
+    elif step is not None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint (asked for step {step})")
+  return nnx.merge(graphdef, params, frozen, rest), config

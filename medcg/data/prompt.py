@@ -1,0 +1,155 @@
+"""Med-MAT prompts: the released `Question-choice` text inside a chat template, tokenized with a loss mask.
+
+The question text is the release's `Question-choice` field (medmat.md §1.2): the instruction, then
+"\\nA: opt\\nB: opt..." and "\\nAnswer with the option's letter from the given choices directly.".
+A template puts it in a chat turn with one `<image>` placeholder, which expands to `num_image_tokens`
+copies of the tokenizer's `image_token_id`; the answer is the letter (plus eos).
+
+Token layout (DEVELOPING.md batch contract): `[bos] prompt... answer... eos pad...`. The answer's ids
+are read off the tokenization of prompt+answer when it extends the prompt-only tokenization, so a
+training sequence starts with exactly the ids a generation prompt has (LLaVA tokenizes the same way).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from medcg.data.tokenizer import Tokenizer
+
+IMAGE_PLACEHOLDER = "<image>"
+QUESTION_FIELD = "{question}"
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCD"
+
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """`prompt` holds one `<image>` and one `{question}`; `answer` holds `{letter}` (eos is added)."""
+  name: str
+  prompt: str
+  answer: str = " {letter}"
+
+  def __post_init__(self):
+    for field in (IMAGE_PLACEHOLDER, QUESTION_FIELD):
+      if self.prompt.count(field) != 1:
+        raise ValueError(f"chat template {self.name!r}: prompt must contain {field!r} exactly once: {self.prompt!r}")
+    if self.prompt.index(IMAGE_PLACEHOLDER) > self.prompt.index(QUESTION_FIELD):
+      raise ValueError(f"chat template {self.name!r}: {IMAGE_PLACEHOLDER!r} must come before {QUESTION_FIELD!r}")
+    if "{letter}" not in self.answer:
+      raise ValueError(f"chat template {self.name!r}: answer must contain '{{letter}}': {self.answer!r}")
+
+
+TEMPLATES = {
+    # LLaVA-1.5 `conv_vicuna_v1` (sep " ", sep2 "</s>"), as Med-MAT trained LLaVA-v1.5.
+    "llava_v1": ChatTemplate("llava_v1", LLAVA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"),
+    # No chat scaffolding: for tiny from-scratch models.
+    "plain": ChatTemplate("plain", "<image>\n{question}\nAnswer:"),
+}
+
+
+def get_template(template: str | ChatTemplate) -> ChatTemplate:
+  """A template by name (see TEMPLATES) or as given."""
+  if isinstance(template, ChatTemplate):
+    return template
+  if template not in TEMPLATES:
+    raise ValueError(f"data.chat_template={template!r}: expected one of {sorted(TEMPLATES)}")
+  return TEMPLATES[template]
+
+
+def question_choice(question: str, options: Sequence[str]) -> str:
+  """The Med-MAT `Question-choice` text: question, lettered options, the answer instruction."""
+  if not 2 <= len(options) <= len(LETTERS):
+    raise ValueError(f"expected 2-4 options, got {len(options)}: {list(options)!r}")
+  lines = [question] + [f"{letter}: {text}" for letter, text in zip(LETTERS, options)]
+  return "\n".join(lines + [CHOICE_INSTRUCTION])
+
+
+def format_record(record: Mapping[str, Any], template: str | ChatTemplate = "llava_v1") -> tuple[str, str]:
+  """(prompt text with the `<image>` placeholder, answer text without eos) for a parsed shard record."""
+  template = get_template(template)
+  prompt = template.prompt.replace(QUESTION_FIELD, question_choice(record["question"], record["options"]))
+  return prompt, template.answer.format(letter=record["answer"])
+
+
+class PromptEncoder:
+  """Turns parsed records into fixed-length token arrays with a loss mask on the answer and eos.
+
+  truncation: "error" (default) raises when a sequence does not fit `seq_len`; "question" shortens
+  the free-text instruction from its end, never the options, the image tokens or the answer.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, template: str | ChatTemplate, *, num_image_tokens: int,
+               seq_len: int, truncation: str = "error"):
+    if truncation not in ("error", "question"):
+      raise ValueError(f"data.truncation={truncation!r}: expected 'error' or 'question'")
+    if num_image_tokens < 1:
+      raise ValueError(f"data.num_image_tokens={num_image_tokens}: must be >= 1")
+    self.tokenizer = tokenizer
+    self.template = get_template(template)
+    self.num_image_tokens = num_image_tokens
+    self.seq_len = seq_len
+    self.truncation = truncation
+    before_image, rest = self.template.prompt.split(IMAGE_PLACEHOLDER)
+    self._after_image, self._after_question = rest.split(QUESTION_FIELD)
+    # Constant head, tokenized once: bos, the text before the image, the image tokens.
+    self._head = ([tokenizer.bos_id] + tokenizer.encode(before_image)
+                  + [tokenizer.image_token_id] * num_image_tokens)
+
+  def _tail_ids(self, question: str, options: Sequence[str], answer: str | None):
+    """Ids of the prompt after the image and of the answer (None when not asked for)."""
+    tail = self._after_image + question_choice(question, options) + self._after_question
+    prompt_ids = self.tokenizer.encode(tail)
+    if answer is None:
+      return prompt_ids, None
+    answer_text = self.template.answer.format(letter=answer)
+    full = self.tokenizer.encode(tail + answer_text)
+    if len(full) > len(prompt_ids) and full[:len(prompt_ids)] == prompt_ids:
+      answer_ids = full[len(prompt_ids):]
+    else:  # the tokenizer merged across the boundary: tokenize the answer on its own
+      answer_ids = self.tokenizer.encode(answer_text)
+    return prompt_ids, answer_ids + [self.tokenizer.eos_id]
+
+  def _fit_question(self, record: Mapping[str, Any], answer: str | None, excess: int):
+    """Drops `excess` (or more) tokens from the end of the instruction so the sequence fits."""
+    q_ids = self.tokenizer.encode(record["question"])
+    while excess > 0:
+      keep = len(q_ids) - excess
+      if keep < 1:
+        return None
+      q_ids = q_ids[:keep]
+      prompt_ids, answer_ids = self._tail_ids(self.tokenizer.decode(q_ids), record["options"], answer)
+      excess = len(self._head) + len(prompt_ids) + len(answer_ids or ()) - self.seq_len
+      if excess > 0:  # re-tokenization can differ by a token or two; cut at least one more
+        excess = max(excess, 1)
+    return prompt_ids, answer_ids
+
+  def encode(self, record: Mapping[str, Any], include_answer: bool = True) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask (int32, L), loss_mask (float32, L) and prompt_len (int32 scalar)."""
+    answer = record["answer"] if include_answer else None
+    prompt_ids, answer_ids = self._tail_ids(record["question"], record["options"], answer)
+    total = len(self._head) + len(prompt_ids) + len(answer_ids or ())
+    if total > self.seq_len:
+      fitted = self._fit_question(record, answer, total - self.seq_len) if self.truncation == "question" else None
+      if fitted is None:
+        raise ValueError(
+            f"sample {record.get('sample_id', '?')!r}: {total} tokens (prompt {len(self._head) + len(prompt_ids)}, "
+            f"answer {len(answer_ids or ())}) exceed data.seq_len={self.seq_len} with truncation="
+            f"{self.truncation!r}; raise seq_len or set data.truncation='question'")
+      prompt_ids, answer_ids = fitted
+    ids = self._head + prompt_ids
+    prompt_len = len(ids)
+    if answer_ids:
+      ids = ids + answer_ids
+    input_ids = np.full((self.seq_len,), self.tokenizer.pad_id, np.int32)
+    input_ids[:len(ids)] = ids
+    attention_mask = np.zeros((self.seq_len,), np.int32)
+    attention_mask[:len(ids)] = 1
+    loss_mask = np.zeros((self.seq_len,), np.float32)
+    loss_mask[prompt_len:len(ids)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "prompt_len": np.int32(prompt_len)}

@@ -1,0 +1,179 @@
+"""Tokenizers behind one small protocol: bytes for from-scratch models, HF / sentencepiece files for pretrained.
+
+The pipeline only needs `encode` (no special tokens), `decode` and five ids. The image token is a
+placeholder the VLM overwrites with projected image features; a pretrained vocabulary rarely has one,
+so when the named image token is missing it gets the first id past the vocabulary (`vocab_size` grows
+by one) and `encode` never produces it. All tokenizers pickle (grain worker processes need that).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import sentencepiece
+import tokenizers
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the pipeline and the evaluators need from a tokenizer."""
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  image_token_id: int
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without bos/eos or any other special token."""
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; special tokens (bos, eos, pad, image) are dropped."""
+    ...
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 0..255, then pad, bos, eos, image; vocab padded to a multiple of 8."""
+
+  def __init__(self, vocab_multiple: int = 8):
+    self.pad_id, self.bos_id, self.eos_id, self.image_token_id = 256, 257, 258, 259
+    self.vocab_size = _round_up(260, vocab_multiple)
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+  def __repr__(self) -> str:
+    return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+
+def _resolve(token: int | str | None, lookup) -> int | None:
+  """An id given as int, or as a token string looked up in the vocabulary (None if absent)."""
+  if token is None or isinstance(token, int):
+    return token
+  return lookup(token)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` JSON file (`tokenizer.json`) with named or numbered special tokens.
+
+  bos/eos must exist in the vocabulary; pad falls back to eos (padding is masked anyway); a missing
+  image token gets the first id past the vocabulary.
+  """
+
+  def __init__(self, tokenizer_json_path: str | os.PathLike, *, bos: int | str = "<s>",
+               eos: int | str = "</s>", pad: int | str | None = None, image: int | str = "<image>"):
+    self.path = os.fspath(tokenizer_json_path)
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"HFTokenizer: tokenizer file not found: {self.path}")
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file.
+      raise ValueError(f"HFTokenizer: cannot read {self.path}: {e}") from e
+    base_size = self._tok.get_vocab_size(with_added_tokens=True)
+    lookup = self._tok.token_to_id
+    self.bos_id = self._required(bos, "bos")
+    self.eos_id = self._required(eos, "eos")
+    pad_id = _resolve(pad, lookup)
+    if pad is not None and pad_id is None:
+      raise ValueError(f"HFTokenizer: pad token {pad!r} not in the vocabulary of {self.path}")
+    self.pad_id = self.eos_id if pad_id is None else pad_id
+    image_id = _resolve(image, lookup)
+    self.image_token_id = base_size if image_id is None else image_id
+    self.vocab_size = max(base_size, self.image_token_id + 1)
+    self._specials = frozenset({self.bos_id, self.eos_id, self.pad_id, self.image_token_id})
+
+  def _required(self, token: int | str, what: str) -> int:
+    found = _resolve(token, self._tok.token_to_id)
+    if found is None:
+      raise ValueError(f"HFTokenizer: {what} token {token!r} not in the vocabulary of {self.path}")
+    return found
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids if int(i) not in self._specials], skip_special_tokens=True)
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model file; bos/eos/pad come from the model unless given (pad falls back to eos)."""
+
+  def __init__(self, model_path: str | os.PathLike, *, bos: int | str | None = None,
+               eos: int | str | None = None, pad: int | str | None = None, image: int | str = "<image>"):
+    self.path = os.fspath(model_path)
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"SentencePieceTokenizer: model file not found: {self.path}")
+    self._sp = sentencepiece.SentencePieceProcessor()
+    try:
+      self._sp.Load(self.path)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"SentencePieceTokenizer: cannot read {self.path}: {e}") from e
+    size = self._sp.GetPieceSize()
+
+    def lookup(piece: str) -> int | None:
+      i = self._sp.PieceToId(piece)
+      # PieceToId answers unk for unknown pieces; only the unk piece itself may map there.
+      return i if (i != self._sp.unk_id() or piece == self._sp.IdToPiece(i)) else None
+
+    def pick(token, default: int, what: str) -> int:
+      if token is None:
+        if default < 0:
+          raise ValueError(f"SentencePieceTokenizer: {self.path} defines no {what} token; pass `{what}=`")
+        return default
+      found = _resolve(token, lookup)
+      if found is None:
+        raise ValueError(f"SentencePieceTokenizer: {what} token {token!r} not in {self.path}")
+      return found
+
+    self.bos_id = pick(bos, self._sp.bos_id(), "bos")
+    self.eos_id = pick(eos, self._sp.eos_id(), "eos")
+    self.pad_id = pick(pad, self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id, "pad")
+    image_id = _resolve(image, lookup)
+    self.image_token_id = size if image_id is None else image_id
+    self.vocab_size = max(size, self.image_token_id + 1)
+    self._specials = frozenset({self.bos_id, self.eos_id, self.pad_id, self.image_token_id})
+    self._size = size
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.EncodeAsIds(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.DecodeIds([int(i) for i in ids if int(i) not in self._specials and 0 <= int(i) < self._size])
+
+  def __repr__(self) -> str:
+    return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
+
+
+def make_tokenizer(cfg: Mapping[str, Any] | Any) -> Tokenizer:
+  """Builds a tokenizer from a config section (a ConfigDict or a dict).
+
+  Fields: `kind` ("byte" | "hf" | "sentencepiece"); for "hf" / "sentencepiece" `path` (the
+  tokenizer.json or .model file) and optional `bos`, `eos`, `pad`, `image` (token strings or ids).
+  """
+  get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+  kind = get("kind", "byte")
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind not in TOKENIZER_KINDS:
+    raise ValueError(f"tokenizer.kind={kind!r}: expected one of {TOKENIZER_KINDS}")
+  path = get("path", None)
+  if not path:
+    raise ValueError(f"tokenizer.kind={kind!r} needs tokenizer.path (the tokenizer file)")
+  specials = {k: get(k, None) for k in ("bos", "eos", "pad", "image")}
+  specials = {k: v for k, v in specials.items() if v is not None}
+  if kind == "hf":
+    return HFTokenizer(path, **specials)
+  return SentencePieceTokenizer(path, **specials)
