@@ -1,0 +1,79 @@
+"""Judged pairwise evaluation (MLLM-Bench protocol, arXiv 2311.13951) of model answers vs a reference.
+
+Run (HTTP judge; the key is read from the variable named by judge.api_key_env, never from the config):
+
+  export OPENAI_API_KEY=...
+  python -m medcg.judge --config configs/judge.py \\
+    --config.data.path=MLLM-Bench/data/questions.json --config.data.criteria_path=criteria.json \\
+    --config.answers.reference=answers/llava-v1.5-13b.jsonl \\
+    --config.answers.candidates=answers/mine.jsonl,answers/other.jsonl --config.workdir=runs/judge1
+
+  # Med-MAT free-form answers, judged by a local LLaVA checkpoint run in medcg (images never leave the machine):
+  python -m medcg.judge --config configs/judge.py:data=medmat,judge=local \\
+    --config.data.path=med-mat-release/Aggregated_Subsets/Subset--05-train.json \\
+    --config.judge.checkpoint=checkpoints/llava-1.5-13b-hf ...
+
+Compare with MLLM-Bench V3 (anchor LLaVA-v1.5-13B, judge GPT-4-turbo): GPT-4o win rate 0.90,
+Claude-3 0.83, GPT-4V 0.70 (reference/evaluation.md §1.6). Rerunning the same command replays cached
+judgements (judge_cache.sqlite in the workdir) and only sends what is missing or failed; `--no-cache`
+sends everything again.
+"""
+from medcg import configlib
+import ml_collections
+
+
+def get_config(arg=None):
+  """`arg`: data=mllm_bench|medmat, judge=http|local, pairing=reference|all."""
+  arg = configlib.parse_arg(arg, data="mllm_bench", judge="http", pairing="reference")
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/judge"
+
+  c.data = ml_collections.ConfigDict(dict(
+      format=arg.data,        # "mllm_bench" (questions.json) | "medmat" (release JSON files)
+      path="",                # questions.json, or Med-MAT JSON files (comma-separated)
+      criteria_path="",       # MLLM-Bench: JSON {id: criteria} / list / JSONL of {id, criteria}
+      image_root="",          # relative image paths resolve here (default: inferred from data.path)
+      require_criteria=True,  # samples without criteria are skipped (listed in the report)
+      limit=0,                # judge only the first N samples (0 = all)
+  ))
+
+  c.answers = ml_collections.ConfigDict(dict(
+      reference="",           # JSONL (or MLLM-Bench JSON list) of the reference / anchor model
+      candidates="",          # comma-separated answer files, one model per file
+  ))
+
+  c.protocol = ml_collections.ConfigDict(dict(
+      pairing=arg.pairing,    # "reference": each candidate vs the reference; "all": every pair (Elo)
+      elo_rounds=1000,
+      elo_seed=42,
+  ))
+
+  c.judge = ml_collections.ConfigDict(dict(
+      kind=arg.judge,         # "http" | "local"
+      # http: an OpenAI-compatible chat completions endpoint that accepts image data URLs.
+      url="https://api.openai.com/v1/chat/completions",
+      model="gpt-4o-2024-08-06",
+      api_key_env="OPENAI_API_KEY",  # the variable's NAME; empty for endpoints without auth
+      auth_header="Authorization",   # sends "Bearer <key>"; another name sends the bare key (Azure: api-key)
+      timeout_s=60.0,
+      max_retries=5,
+      backoff_initial_s=1.0,
+      backoff_max_s=60.0,
+      concurrency=8,
+      temperature=0.0,
+      max_tokens=64,
+      seed=0,                 # sent as the request's `seed` (-1: not sent, for endpoints that reject it)
+      # local: a LLaVA-format safetensors checkpoint run as a medcg VLM, greedy with a fixed seed.
+      checkpoint="",
+      tokenizer="",           # tokenizer.json (default: the checkpoint's)
+      chat_template="llava_v1",
+      dtype="bfloat16",
+      batch_size=8,
+      max_new_tokens=16,
+  ))
+
+  c.cache = ml_collections.ConfigDict(dict(
+      path="",                # default: <workdir>/judge_cache.sqlite
+      read=True,              # False (or --no-cache): send every call again; replies still refresh it
+  ))
+  return c

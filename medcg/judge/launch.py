@@ -1,0 +1,122 @@
+"""From a config to a finished judge run: load inputs, build the judge, run, write the outputs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import ml_collections
+
+from medcg.judge import data as data_lib
+from medcg.judge import report, runner
+from medcg.judge.cache import JudgeCache
+from medcg.judge.clients import HttpJudge
+from medcg.train import run_record  # git commit and package versions (no device is touched)
+
+log = logging.getLogger(__name__)
+
+
+def _paths(value: Any) -> list[str]:
+  if isinstance(value, str):
+    return [p.strip() for p in value.split(",") if p.strip()]
+  return [str(p) for p in value]
+
+
+def load_samples(cfg: ml_collections.ConfigDict) -> tuple[list[data_lib.Sample], list[data_lib.Skip]]:
+  """Samples of `cfg.data` (and records a reader rejected, as skips)."""
+  paths = _paths(cfg.path)
+  if not paths:
+    raise ValueError("config data.path is empty: give questions.json or Med-MAT JSON files")
+  if cfg.format == "mllm_bench":
+    if len(paths) != 1:
+      raise ValueError(f"config data.path: MLLM-Bench takes one questions.json, got {paths}")
+    samples = data_lib.load_mllm_bench(paths[0], cfg.criteria_path or None, cfg.image_root or None)
+    skips = []
+  elif cfg.format == "medmat":
+    samples, skips, seen = [], [], {}
+    for p in paths:
+      got, skipped = data_lib.load_medmat_freeform(p, cfg.image_root or None)
+      for s in got:
+        if s.id in seen:
+          raise data_lib.JudgeDataError(f"{p}: sample id {s.id!r} also appears in {seen[s.id]}")
+        seen[s.id] = p
+      samples += got
+      skips += skipped
+  else:
+    raise ValueError(f"config data.format must be 'mllm_bench' or 'medmat', got {cfg.format!r}")
+  if cfg.limit:
+    samples = samples[:cfg.limit]
+  return samples, skips
+
+
+def load_all_answers(cfg: ml_collections.ConfigDict
+                     ) -> tuple[str, dict[str, dict[str, data_lib.Answer]], dict[str, dict]]:
+  """(reference model id, {model id: {sample id: Answer}}, {model id: file and decoding settings})."""
+  if not cfg.reference:
+    raise ValueError("config answers.reference is empty: give the reference model's answer file")
+  answers, source = {}, {}
+  reference = None
+  for path in [cfg.reference] + _paths(cfg.candidates):
+    model, by_id = data_lib.load_answers(path)
+    if model in answers:
+      raise data_lib.JudgeDataError(f"{path}: model id {model!r} is also the model of {source[model]}")
+    answers[model], source[model] = by_id, path
+    reference = reference or model
+  if len(answers) < 2:
+    raise ValueError("config answers.candidates is empty: nothing to compare with the reference")
+  info = {}
+  for model, by_id in answers.items():
+    settings = {json.dumps(a.decoding, sort_keys=True) for a in by_id.values()}
+    info[model] = {"answers": source[model], "n_answers": len(by_id),
+                   "decoding": [json.loads(d) for d in sorted(settings)]}
+  return reference, answers, info
+
+
+def make_judge(cfg: ml_collections.ConfigDict):
+  """An HttpJudge or a local medcg-model judge from `cfg.judge`."""
+  if cfg.kind == "http":
+    return HttpJudge(url=cfg.url, model=cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
+                     max_retries=cfg.max_retries, backoff_initial_s=cfg.backoff_initial_s,
+                     backoff_max_s=cfg.backoff_max_s, concurrency=cfg.concurrency,
+                     temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                     seed=None if cfg.seed < 0 else cfg.seed, auth_header=cfg.auth_header)
+  if cfg.kind == "local":
+    from medcg.judge import local  # imports jax; only local judges pay for it
+    return local.medcg_judge(cfg)
+  raise ValueError(f"config judge.kind must be 'http' or 'local', got {cfg.kind!r}")
+
+
+def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge=None) -> dict[str, str]:
+  """Runs the judge evaluation of `config` and writes its outputs; returns their paths.
+
+  `judge` replaces the one the config describes (tests, or a judge built in a notebook).
+  """
+  samples, reader_skips = load_samples(config.data)
+  reference, answers, models = load_all_answers(config.answers)
+  judge = judge or make_judge(config.judge)
+  os.makedirs(config.workdir, exist_ok=True)
+  cache_path = config.cache.path or os.path.join(config.workdir, "judge_cache.sqlite")
+  with JudgeCache(cache_path) as cache:
+    out = runner.run_judging(samples, answers, reference, judge, cache, pairing=config.protocol.pairing,
+                             require_criteria=config.data.require_criteria,
+                             read_cache=read_cache and config.cache.read,
+                             elo_rounds=config.protocol.elo_rounds, elo_seed=config.protocol.elo_seed)
+  out.skipped[:0] = reader_skips
+  run = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": run_record.git_commit(),
+         "packages": run_record.package_versions(), "argv": sys.argv}
+  paths = report.write_outputs(config.workdir, out, judge.identity, judge.decoding, config.to_dict(),
+                               models=models, reference=reference, run=run)
+  s = out.stats
+  log.info("judged %d calls (%d cached, %d sent, %d unparsed, %d failed); %d skipped; wrote %s",
+           s["calls"], s["cached"], s["sent"], s["unparsed"], s["failed_calls"], len(out.skipped),
+           ", ".join(paths.values()))
+  if not s["calls"]:
+    log.warning("nothing was judged: every sample was skipped (see the Skipped section of %s)",
+                paths["leaderboard.md"])
+  if s["failed_calls"] or s["unparsed"]:
+    log.warning("%d judge calls failed and %d replies did not parse; rerun the same command to retry "
+                "only those (parsed judgements are cached)", s["failed_calls"], s["unparsed"])
+  return paths

@@ -1,0 +1,183 @@
+"""One judge run: plan the calls, replay cached ones, judge the rest, combine per sample.
+
+Calls are planned for every (model, opponent) pair and sample, in both orders. A call whose key is in
+the cache is not sent again (that is what makes a crashed run resumable); each fresh reply that parses
+is cached the moment it arrives. Replies that fail or do not parse are kept in the records with their
+reason and are not cached, so the next run retries them.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from medcg.judge import cache as cache_lib
+from medcg.judge import elo, prompts, protocol
+from medcg.judge.clients import JudgeFailure, JudgeRequest
+from medcg.judge.data import QUESTION_TYPES, Answer, LoadedImage, Sample, Skip, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Call:
+  pair: tuple[str, str]
+  sample: Sample
+  order: int
+  answer1: Answer
+  answer2: Answer
+  key: str
+  raw: str | None = None
+  label: str | None = None
+  error: str | None = None
+  cached: bool = False
+  attempts: int = 0
+
+
+@dataclasses.dataclass
+class RunOutput:
+  """Everything a report needs."""
+  records: list[dict]
+  metrics: list[dict]
+  elo: dict
+  skipped: list[Skip]
+  stats: dict
+
+
+def model_pairs(models: Sequence[str], reference: str, pairing: str) -> list[tuple[str, str]]:
+  """(model, opponent) pairs: every model vs the reference, or every unordered pair ("all")."""
+  if pairing == "reference":
+    return [(m, reference) for m in models if m != reference]
+  if pairing == "all":
+    everyone = [reference] + [m for m in models if m != reference]
+    return [(a, b) for i, b in enumerate(everyone) for a in everyone[i + 1:]]
+  raise ValueError(f"protocol.pairing must be 'reference' or 'all', got {pairing!r}")
+
+
+def _check_samples(samples: Sequence[Sample], require_criteria: bool
+                   ) -> tuple[dict[str, LoadedImage], list[Skip]]:
+  images, skipped = {}, []
+  for s in tqdm(samples, desc="images", unit="img", leave=False, disable=len(samples) < 100):
+    if s.question_type not in QUESTION_TYPES:  # MLLM-Bench has one sample whose type is a URL
+      skipped.append(Skip(s.id, None, f"question type {s.question_type!r} is not one of {QUESTION_TYPES}"))
+      continue
+    if require_criteria and not s.criteria:
+      skipped.append(Skip(s.id, None, "no criteria for this sample (set data.require_criteria=False "
+                                      "to judge without)"))
+      continue
+    try:
+      images[s.id] = load_image(s.image_path)
+    except OSError as e:
+      skipped.append(Skip(s.id, None, str(e)))
+  return images, skipped
+
+
+def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]], reference: str,
+                judge, cache: cache_lib.JudgeCache, pairing: str = "reference",
+                require_criteria: bool = True, read_cache: bool = True,
+                elo_rounds: int = 1000, elo_seed: int = 42) -> RunOutput:
+  """Judges every candidate against its opponents on every usable sample, both orders.
+
+  `answers` maps model id -> {sample id -> Answer} and must contain `reference`. `judge` is an
+  HttpJudge or LocalJudge. With `read_cache=False` every call is sent again (fresh replies still
+  refresh the cache).
+  """
+  if reference not in answers:
+    raise ValueError(f"reference model {reference!r} has no answers (models: {sorted(answers)})")
+  images, skipped = _check_samples(samples, require_criteria)
+  known = {s.id for s in samples}
+  for model, by_id in answers.items():
+    for sid in sorted(set(by_id) - known):
+      skipped.append(Skip(sid, model, "answer for a sample id that is not in the question set"))
+
+  calls: list[_Call] = []
+  pairs = model_pairs(list(answers), reference, pairing)
+  for pair in pairs:
+    for s in samples:
+      if s.id not in images:
+        continue
+      missing = [m for m in pair if s.id not in answers[m]]
+      if missing:
+        skipped.append(Skip(s.id, pair[0], f"no answer from {', '.join(missing)} (pair {pair[0]} vs {pair[1]})"))
+        continue
+      for order in protocol.ORDERS:
+        m1, m2 = protocol.shown_models(order, *pair)
+        a1, a2 = answers[m1][s.id], answers[m2][s.id]
+        key = cache_lib.cache_key(
+            sample_id=s.id, question=s.question, question_type=s.question_type,
+            image_sha256=images[s.id].sha256, answer1=a1.text, answer2=a2.text, criteria=s.criteria,
+            order=order, template=prompts.TEMPLATE_VERSION, judge=judge.identity, decoding=judge.decoding)
+        calls.append(_Call(pair, s, order, a1, a2, key))
+
+  pending: dict[str, list[_Call]] = collections.defaultdict(list)  # equal keys are one call
+  for c in calls:
+    hit = cache.get(c.key) if read_cache else None
+    # Re-parse the cached text, so a stricter parser never replays a label it would now reject.
+    label = protocol.parse_vote(hit[0]) if hit else None
+    if label:
+      c.raw, c.label, c.cached = hit[0], label, True
+    else:
+      pending[c.key].append(c)
+  keys = list(pending)
+  log.info("judge calls: %d planned, %d cached, %d to send", len(calls), sum(c.cached for c in calls), len(keys))
+  system = prompts.system_prompt()
+
+  def request(c: _Call) -> JudgeRequest:
+    s = c.sample
+    return JudgeRequest(system=system, image=images[s.id], user=prompts.item_prompt(
+        s.question, s.question_type, c.answer1.text, c.answer2.text, s.criteria))
+
+  requests = [request(pending[k][0]) for k in keys]
+  with tqdm(total=len(requests), desc="judge", unit="call", disable=not requests) as bar:
+    for idx, reply in judge.run(requests):
+      key = keys[idx]
+      if isinstance(reply, JudgeFailure):
+        for c in pending[key]:
+          c.error, c.attempts = reply.message, reply.attempts
+      else:
+        label = protocol.parse_vote(reply)
+        if label is not None:
+          cache.put(key, reply, label)
+        for c in pending[key]:
+          c.raw, c.label, c.attempts = reply, label, 1
+          if label is None:
+            c.error = "unparsed: no single line equal to one of the labels " + repr(prompts.LABELS)
+      bar.update(1)
+
+  records = _sample_records(calls)
+  n_replies = sum(1 for c in calls if c.raw is not None)
+  n_unparsed = sum(1 for c in calls if c.raw is not None and c.label is None)
+  stats = {
+      "calls": len(calls), "cached": sum(c.cached for c in calls), "sent": len(keys),
+      "replies": n_replies, "unparsed": n_unparsed,
+      "parse_failure_rate": n_unparsed / n_replies if n_replies else None,
+      "failed_calls": sum(1 for c in calls if c.raw is None),
+  }
+  return RunOutput(records=records, metrics=protocol.aggregate(records),
+                   elo=elo.bootstrap_elo(elo.battles_from_records(records), rounds=elo_rounds,
+                                         seed=elo_seed),
+                   skipped=skipped, stats=stats)
+
+
+def _sample_records(calls: Iterable[_Call]) -> list[dict]:
+  by_sample: dict[tuple, list[_Call]] = collections.defaultdict(list)
+  for c in calls:
+    by_sample[(c.pair, c.sample.id)].append(c)
+  records = []
+  for ((model, opponent), _), cs in by_sample.items():
+    cs.sort(key=lambda c: c.order)
+    s = cs[0].sample
+    votes = [protocol.side_vote(c.label, c.order) if c.label else None for c in cs]
+    verdict = protocol.combine(*votes) if all(votes) else None
+    records.append({
+        "sample_id": s.id, "model": model, "opponent": opponent, "level": s.level,
+        "capability": s.capability, "question_type": s.question_type,
+        "orders": [{"order": c.order, "answer1": c.answer1.model, "answer2": c.answer2.model,
+                    "raw": c.raw, "label": c.label, "error": c.error, "cached": c.cached,
+                    "attempts": c.attempts} for c in cs],
+        "votes": votes, "verdict": verdict,
+    })
+  return records
