@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_mixture = []               # [(subset, split, n_samples)]; n_samples -1 = all
 
   c.model = ml_collections.ConfigDict()    # filled from configs/models.py presets
+  # From-scratch models take vocab size and special ids from the tokenizer (off for benchmarks that need
+  # a preset's real vocabulary; ignored when fine-tuning Hugging Face weights).
+  c.model_vocab_from_tokenizer = True
   # dtype / param_dtype / remat applied to every tower of a model imported from Hugging Face.
   c.model_overrides = ml_collections.ConfigDict(dict(dtype="", param_dtype="", remat=""))
 

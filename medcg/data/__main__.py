@@ -3,6 +3,7 @@
   python -m medcg.data synth --out /data/synthmat --image-size 64 --per-subset 200
   python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image-size 64
   python -m medcg.data inspect /data/medmat_shards [--json]
+  python -m medcg.data tokenizer /data/medmat_shards --vocab-size 512   (BPE for from-scratch models)
 """
 from __future__ import annotations
 
@@ -80,6 +81,27 @@ def _print_table(info: dict[str, Any]) -> None:
     console.print(ex)
 
 
+def corpus_texts(root: str):
+  """Every prompt and answer text of a converted dataset (Med-MAT Question-choice + answer letters)."""
+  from medcg.data import prompt as prompt_lib
+  manifest = shards_lib.Manifest.load(root)
+  for split in shards_lib.SPLITS:
+    for subset in manifest.subsets(split):
+      src = shards_lib.subset_source(manifest, subset, split)
+      for i in range(len(src)):
+        ex = features_lib.parse_example(src[i], where=f"subset {subset:02d} {split} record {i}")
+        yield prompt_lib.question_choice(ex["question"], ex["options"]) + "\nAnswer: " + ex["answer"]
+
+
+def build_corpus_tokenizer(root: str, vocab_size: int, out: str | None = None) -> str:
+  """Train (or reuse) DIR/tokenizer-bpe<V>.json on the dataset's prompts; returns its path."""
+  import os
+  from medcg.data import tokenizer as tok_lib
+  out = out or os.path.join(root, f"tokenizer-bpe{vocab_size}.json")
+  tok_lib.train_corpus_tokenizer(corpus_texts(root), vocab_size, out)
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medcg.data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--json", action="store_true", help="print JSON instead of tables")
   p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
 
+  p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer.json on the shards' prompts")
+  p.add_argument("dir", help="a converted shards root")
+  p.add_argument("--vocab-size", type=_positive, default=512)
+  p.add_argument("--out", default=None, help="default: DIR/tokenizer-bpe<V>.json")
+
   args = parser.parse_args(argv)
-  if args.command == "synth":
+  if args.command == "tokenizer":
+    out = build_corpus_tokenizer(args.dir, args.vocab_size, args.out)
+    print(f"wrote {out}")
+  elif args.command == "synth":
     from medcg.data import synthetic  # the SynthMAT generator
     synthetic.write_synthmat(args.out, image_size=args.image_size, per_subset=args.per_subset,
                              test_per_subset=args.test_per_subset, seed=args.seed, subsets=args.subsets,

@@ -141,8 +141,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # Model config (from the checkpoint when fine-tuning Hugging Face weights) and tokenizer.
   # --------------------------------------------------------------------------------------------------
   trim_cfg = config.trim if config.trim.enabled else None
-  model_cfg = model_config(config)
   tokenizer = tok_lib.make_tokenizer(config.data.tokenizer)
+  model_cfg = model_config(config, tokenizer)
   check_tokenizer(tokenizer, model_cfg)
 
   # --------------------------------------------------------------------------------------------------
@@ -315,8 +315,12 @@ def _dtype_overrides(config) -> dict[str, str]:
           if config.get("model_overrides") and config.model_overrides.get(k)}
 
 
-def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.model, or the config of the Hugging Face checkpoint being fine-tuned (config.train.init_from_hf)."""
+def model_config(config: ml_collections.ConfigDict, tokenizer=None) -> ml_collections.ConfigDict:
+  """config.model, or the config of the Hugging Face checkpoint being fine-tuned (config.train.init_from_hf).
+
+  A model trained from scratch takes its vocabulary size and special ids from the tokenizer
+  (config.model_vocab_from_tokenizer, default on), so any tokenizer fits any preset.
+  """
   from medcg.model import hf, vlm as vlm_lib
   if config.train.init_from_hf:
     ckpt = hf.open_checkpoint(config.train.init_from_hf)
@@ -324,7 +328,16 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return vlm_lib.config_from_llava(ckpt.config, clip_cfg, **_dtype_overrides(config))
   if not config.model:
     raise ValueError("config.model is empty: set a preset (configs/models.py) or config.train.init_from_hf")
-  return config.model
+  cfg = config.model
+  if tokenizer is not None and config.get("model_vocab_from_tokenizer", True):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    vocab = max(tokenizer.vocab_size, tokenizer.image_token_id + 1)
+    cfg.llm.vocab_size = -(-vocab // 8) * 8
+    cfg.llm.bos_token_id = tokenizer.bos_id
+    cfg.llm.eos_token_id = tokenizer.eos_id
+    cfg.llm.pad_token_id = tokenizer.pad_id
+    cfg.image_token_id = tokenizer.image_token_id
+  return cfg
 
 
 def check_tokenizer(tokenizer, model_cfg) -> None:
@@ -425,11 +438,12 @@ def load_model_from_workdir(workdir: str, step: int | None = None, config: ml_co
   seeded init, or the Hugging Face checkpoint). A run with no checkpoint (an untrained arm) gives the
   initial model.
   """
+  from medcg.data import tokenizer as tok_lib
   from medcg.model import vlm as vlm_lib
   config = config or load_run_config(workdir)
   mesh = mesh or shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   trim_cfg = config.trim if config.trim.enabled else None
-  model_cfg = model_config(config)
+  model_cfg = model_config(config, tok_lib.make_tokenizer(config.data.tokenizer))
   make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
   frozen_f = opt_lib.frozen_filter(config.train.freeze)
   trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))

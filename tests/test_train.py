@@ -1,0 +1,246 @@
+"""The trainer: sharded == single device, exact resume after SIGKILL, SIGTERM, NaN guard, two processes,
+config validation. A micro model (1-2 layers, width 64) keeps compiles short."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import models
+from medcg import configlib
+from medcg.train import sharding as shd
+from medcg.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def micro_model():
+  m = models.get("tiny")
+  m.vision.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       projection_dim=32))
+  m.llm.update(dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16))
+  return m
+
+
+def micro_config(shards: str, **train) -> "ml_collections.ConfigDict":
+  c = configlib.base_config()
+  c.data.shards_dir = shards
+  c.data.mixture = [(5, "train", 24), (28, "train", 24)]
+  c.data.eval_mixture = [(3, "test", 8)]
+  c.data.image_size = 32
+  c.data.seq_len = 256
+  c.data.batch_size = 8
+  c.model = micro_model()
+  c.train.steps = 4
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 1
+  c.train.log_every = 1
+  c.train.log_batches = True
+  c.eval.batch_size = 8
+  c.checkpoint.async_save = False
+  c.train.update(train)
+  return c
+
+
+def write_config_file(path, shards, overrides: dict) -> str:
+  """A config file for subprocess runs (config_flags loads configs by path)."""
+  src = textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+      from test_train import micro_config
+      def get_config(arg=None):
+        c = micro_config({shards!r})
+        for k, v in {overrides!r}.items():
+          node = c
+          *parents, leaf = k.split(".")
+          for p in parents:
+            node = node[p]
+          node[leaf] = v
+        return c
+  """)
+  with open(path, "w") as f:
+    f.write(src)
+  return str(path)
+
+
+def run_losses(workdir) -> dict[int, float]:
+  """step -> loss from batches.jsonl; a resumed run's later lines win."""
+  out = {}
+  with open(os.path.join(workdir, "batches.jsonl")) as f:
+    for line in f:
+      d = json.loads(line)
+      out[d["step"]] = d["loss"]
+  return out
+
+
+def run_batches(workdir) -> dict[int, list[str]]:
+  out = {}
+  with open(os.path.join(workdir, "batches.jsonl")) as f:
+    for line in f:
+      d = json.loads(line)
+      out[d["step"]] = d["sample_ids"]
+  return out
+
+
+def final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  mngr.close()
+  return step, [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def env(devices: int = 8) -> dict:
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+  return e
+
+
+def train_cmd(config_file: str, workdir: str, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "medcg.train", f"--config={config_file}", f"--workdir={workdir}", *extra]
+
+
+# ----------------------------------------------------------------------------------------------------------
+def test_sharded_mesh_matches_single_device_and_shards_params(synth_shards, tmp_path):
+  c1 = micro_config(synth_shards, steps=3)
+  c1.mesh.num_devices = 1
+  r1 = trainer.train(c1, str(tmp_path / "one"))
+  c8 = micro_config(synth_shards, steps=3)
+  c8.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  r8 = trainer.train(c8, str(tmp_path / "eight"))
+  assert len(r1.losses) == len(r8.losses) == 3
+  np.testing.assert_allclose(r8.losses, r1.losses, rtol=0, atol=1e-5)
+  assert run_batches(tmp_path / "one") == run_batches(tmp_path / "eight")
+
+  # The params really are sharded as the rules table says.
+  model, cfg = trainer.load_model_from_workdir(str(tmp_path / "eight"), mesh=shd.make_mesh(
+      {"data": 2, "fsdp": 2, "tensor": 2}))
+  state = nnx.state(model, nnx.Param)
+  specs = shd.describe(shd.param_shardings(state, shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})))
+  embed = [v for k, v in specs.items() if k.endswith("embed_tokens/embedding") or k.endswith("embed/embedding")]
+  assert embed and all("tensor" in v and "fsdp" in v for v in embed), specs
+  actual = {"/".join(str(getattr(k, "key", k)) for k in p): x.sharding.spec
+            for p, x in jax.tree_util.tree_leaves_with_path(state)}
+  mlp = [v for k, v in actual.items() if "mlp" in k and k.endswith("kernel")]
+  assert mlp and any("tensor" in str(s) for s in mlp), actual
+
+
+def test_exact_resume_after_sigkill(synth_shards, tmp_path):
+  cfg_file = write_config_file(tmp_path / "cfg.py", synth_shards,
+                               {"train.steps": 6, "checkpoint.every": 1})
+  straight = tmp_path / "straight"
+  subprocess.run(train_cmd(cfg_file, str(straight)), env=env(), check=True, capture_output=True, timeout=600)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(train_cmd(cfg_file, str(killed)), env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt3 = killed / "checkpoints" / "3"
+  deadline = time.time() + 600
+  while not ckpt3.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert ckpt3.exists(), "the run never reached step 3"
+  subprocess.run(train_cmd(cfg_file, str(killed)), env=env(), check=True, capture_output=True, timeout=600)
+
+  assert run_losses(killed) == run_losses(straight)           # bitwise: floats compared exactly
+  assert run_batches(killed) == run_batches(straight)
+  s1, p1 = final_params(straight)
+  s2, p2 = final_params(killed)
+  assert s1 == s2 == 6
+  for a, b in zip(p1, p2):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(synth_shards, tmp_path):
+  cfg_file = write_config_file(tmp_path / "cfg.py", synth_shards, {"train.steps": 10_000})
+  wd = tmp_path / "run"
+  proc = subprocess.Popen(train_cmd(cfg_file, str(wd)), env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  batches = wd / "batches.jsonl"
+  deadline = time.time() + 600
+  while (not batches.exists() or len(batches.read_text().splitlines()) < 3) and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err.decode()[-3000:]
+  last = max(run_losses(wd))
+  step, _ = final_params(wd)
+  assert step == last and 3 <= step < 10_000
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(synth_shards, tmp_path):
+  c = micro_config(synth_shards, steps=5)
+  c.checkpoint.every = 1
+  c.mesh.num_devices = 1
+  wd = str(tmp_path / "nan")
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 3; batch sample ids: \['Subset--"):
+    trainer.train(c, wd, fail_at_step=3)
+  step, _ = final_params(wd)
+  assert step == 2  # the last good checkpoint, untouched
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(synth_shards, tmp_path):
+  cfg_file = write_config_file(tmp_path / "cfg.py", synth_shards, {"train.steps": 3})
+  one = tmp_path / "one"
+  subprocess.run(train_cmd(cfg_file, str(one)), env=env(8), check=True, capture_output=True, timeout=600)
+  port = _free_port()
+  two = tmp_path / "two"
+  procs = [subprocess.Popen(train_cmd(cfg_file, str(two), f"--coordinator_address=127.0.0.1:{port}",
+                                      "--num_processes=2", f"--process_id={i}"),
+                            env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err.decode()[-3000:]
+  # Process 0 logs the global loss of every step.
+  a, b = run_losses(one), run_losses(two)
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad configs fail before compiling, naming the field.
+def test_unknown_config_key_is_an_error(synth_shards, tmp_path):
+  cfg_file = write_config_file(tmp_path / "cfg.py", synth_shards, {})
+  r = subprocess.run(train_cmd(cfg_file, str(tmp_path / "x"), "--config.train.learning_rate=1"), env=env(),
+                     capture_output=True, timeout=300)
+  assert r.returncode != 0 and b"learning_rate" in r.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"mesh.data": 3}, "config.mesh"),
+    ({"data.batch_size": 6, "mesh.data": 4}, "config.data.batch_size"),
+    ({"train.accum_steps": 3}, "config.train.accum_steps"),
+    ({"data.shards_dir": "/nonexistent/shards"}, "/nonexistent/shards"),
+    ({"train.freeze": ("visoin/.*",)}, "config.train.freeze"),
+])
+def test_bad_configs_name_the_field(synth_shards, tmp_path, change, message):
+  c = micro_config(synth_shards)
+  for k, v in change.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  with pytest.raises((ValueError, FileNotFoundError, KeyError)) as e:
+    trainer.train(c, str(tmp_path / "bad"))
+  assert message in str(e.value)
