@@ -65,7 +65,9 @@ def train_command(config_path: str, arg: str, workdir: str, python: str = "pytho
 
 def pod_command(tpu: str, zone: str, project: str, repo_dir: str, cmd: Sequence[str]) -> list[str]:
   """The same command on every worker of a TPU pod (jax.distributed reads the pod topology)."""
-  remote = f"cd {shlex.quote(repo_dir)} && MEDCG_DISTRIBUTED=1 {' '.join(shlex.quote(c) for c in cmd)}"
+  # "~/x" must reach the worker's shell unquoted, or it will not expand to the home directory.
+  where = "~/" + shlex.quote(repo_dir[2:]) if repo_dir.startswith("~/") else shlex.quote(repo_dir)
+  remote = f"cd {where} && MEDCG_DISTRIBUTED=1 {' '.join(shlex.quote(c) for c in cmd)}"
   out = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}", "--worker=all",
          f"--command={remote}"]
   if project:
