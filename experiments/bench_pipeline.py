@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from tensorflow_datasets.proto import tf_example_pb2
+from medcg.data import example_proto as tf_example_pb2
 
 from medcg.data import features, pipeline
 from medcg.data.prompt import PromptEncoder

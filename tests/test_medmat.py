@@ -226,7 +226,7 @@ def test_unknown_split_and_missing_subset(release):
 # -- records (features.py) -----------------------------------------------------------------------------
 
 def _example(**overrides) -> bytes:
-  from tensorflow_datasets.proto import tf_example_pb2
+  from medcg.data import example_proto as tf_example_pb2
   values = {"image": b"png", "sample_id": b"x-1", "split": b"train", "modality": b"CT", "area": b"Lung",
             "task": b"COVID", "question": b"Q?", "answer": b"B", "caption": b"COVID", "data_no": b"3"}
   values.update(overrides)

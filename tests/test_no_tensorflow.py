@@ -16,6 +16,10 @@ loaded = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("ten
 assert not loaded, f"TensorFlow was imported: {loaded[:5]}"
 print("NO_TF_OK")
 """
+# The training path does not even load tensorflow_datasets (seconds of import in every grain worker).
+NO_TFDS_CHECK = """
+assert "tensorflow_datasets" not in sys.modules, "tensorflow_datasets was imported on the training path"
+"""
 
 
 def run_python(body: str) -> subprocess.CompletedProcess:
@@ -39,7 +43,7 @@ def shards_dir(tmp_path_factory):
 
 def test_pipeline_runs_without_tensorflow(shards_dir, tmp_path):
   """Train and eval iterators over real shards, an orbax checkpoint of the iterator, worker processes."""
-  result = run_python(f"""
+  result = run_python(textwrap.dedent(f"""
       import sys
       import grain, numpy as np, orbax.checkpoint as ocp
       from medcg.data import pipeline, tokenizer
@@ -65,7 +69,7 @@ def test_pipeline_runs_without_tensorflow(shards_dir, tmp_path):
       mp_it.close()
       assert ids_of(got) == ids_of(batches), (ids_of(got), ids_of(batches))
       np.testing.assert_array_equal(got[2]["image"], batches[2]["image"])
-      """)
+      """) + NO_TFDS_CHECK)
   assert result.returncode == 0 and "NO_TF_OK" in result.stdout, result.stdout + result.stderr
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
-from tensorflow_datasets.proto import tf_example_pb2
+from medcg.data import example_proto as tf_example_pb2
 
 from medcg.data import features, pipeline, shards, synthetic, tfds_builder
 from medcg.data.tokenizer import ByteTokenizer

@@ -2,8 +2,8 @@
 
 The keys and types are the contract in DEVELOPING.md ("Shard records"). The tfds builder
 (`tfds_builder.py`) writes them; the grain pipeline reads them through `parse_example`, which uses
-the protobuf class tfds vendors (`tensorflow_datasets.proto.tf_example_pb2`), so the training and
-evaluation path never imports TensorFlow.
+`medcg.data.example_proto` (the Example schema built at import), so the training and evaluation path
+imports neither TensorFlow nor tensorflow_datasets.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tensorflow_datasets.proto import tf_example_pb2
+from medcg.data import example_proto
 
 # Keys by proto list kind; `options` is the one variable-length field (2-4 option texts).
 TEXT_KEYS = ("sample_id", "split", "modality", "area", "task", "question", "answer", "caption", "data_no")
@@ -41,7 +41,7 @@ def parse_example(raw: bytes, where: str = "record") -> dict[str, Any]:
   A..D) and every other key of the contract as str. `where` names the record in error messages
   (e.g. "shard med_mat-train.tfrecord-00000-of-00001 record 17").
   """
-  example = tf_example_pb2.Example()
+  example = example_proto.Example()
   try:
     example.ParseFromString(raw)
   except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
