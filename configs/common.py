@@ -24,8 +24,9 @@ data=medmat reads the counts from `<shards>/manifest.json` when it exists, else 
 shape (`splits.release_counts()`: ID subsets at 3,000, OOD subsets at `ood_train`); the pipeline fails on
 a subset that is not there, so the planning counts never reach a real run unnoticed.
 
-Recipes follow the model, not the data. tiny: from scratch, byte tokenizer, 64 px, AdamW lr 1e-3, global
-batch 32, 3 epochs. Pretrained presets (paper §2.2 / App. A.5-A.6): 5 epochs, global batch 32, lr 5e-6 for
+Recipes follow the model, not the data. tiny: from scratch, the corpus BPE tokenizer (`python -m medcg.data
+tokenizer DIR`; a prompt is ~90 BPE tokens instead of ~220 bytes), 64 px, AdamW lr 1e-3, global batch 32.
+Pretrained presets (paper §2.2 / App. A.5-A.6): 5 epochs, global batch 32, lr 5e-6 for
 LLaVA (2e-6 for Qwen2-VL / Llama-3.2-V), bf16 compute, the CLIP vision tower (and the CLIP text tower, present
 only with TRIM) frozen, FSDP mesh, LLaVA-1.5 chat template; `hf=DIR` starts from local weights.
 """
@@ -52,7 +53,8 @@ MEDMAT_SHARDS = "data/medmat_shards"
 SYNTH_TRAIN = 600
 SYNTH_TEST = 60
 SYNTH_IMAGE_SIZE = 64       # the tiny model's input side (64 image tokens at patch 8)
-SYNTH_SEQ_LEN = 320          # 64 image tokens + the byte-level prompt: 98% of SynthMAT questions fit whole
+SYNTH_SEQ_LEN = 192          # 64 image tokens + the BPE prompt (~90 tokens for the longest SynthMAT questions)
+CORPUS_VOCAB = 512           # the BPE tokenizer from-scratch models use (`python -m medcg.data tokenizer`)
 SYNTH_EPOCHS = 3             # tiny from scratch
 MEDMAT_EPOCHS = 5            # pretrained presets: the paper's recipe
 MEDMAT_SEQ_LEN = 1024        # 576 image tokens + the LLaVA system prompt + question and options
@@ -64,6 +66,11 @@ RECIPE_LR = {"llava": 5e-6, "qwen2-vl": 2e-6, "llama-3.2-v": 2e-6}
 # towers: the text tower exists only with TRIM, and the vision tower always matches (the trainer rejects a
 # freeze pattern that matches nothing), so `--config.trim.enabled=True` needs no freeze change.
 FROZEN_TOWERS = ("(vision|text)/.*",)
+
+
+def corpus_tokenizer_path(shards_dir: str) -> str:
+  """Where `python -m medcg.data tokenizer DIR --vocab-size CORPUS_VOCAB` writes the BPE tokenizer."""
+  return os.path.join(shards_dir, f"tokenizer-bpe{CORPUS_VOCAB}.json")
 
 
 def run_args(arg: str | None, **experiment: Any) -> ml_collections.ConfigDict:
@@ -186,12 +193,14 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     raise ValueError("config: the evaluation mixture is empty")
 
   c.data.truncation = "question"  # only the free-text instruction may shorten, never options or answer
-  if args.model == "tiny":  # from scratch: byte tokenizer, 64 px, a CPU-sized schedule
+  if args.model == "tiny":  # from scratch: the corpus BPE tokenizer, 64 px, a CPU-sized schedule
     c.model = models.get(args.model)
     c.model.vision.image_size = SYNTH_IMAGE_SIZE
     c.data.image_size = SYNTH_IMAGE_SIZE
     c.data.seq_len = SYNTH_SEQ_LEN
     c.data.chat_template = "plain"
+    c.data.tokenizer.update(dict(kind="hf", path=corpus_tokenizer_path(setting.shards_dir), bos="<s>", eos="</s>",
+                                 pad="<pad>", image="<image>"))
     c.train.lr = 1e-3
     c.train.epochs = args.epochs or SYNTH_EPOCHS
   else:  # a pretrained-size preset: the paper's recipe, whichever data it reads (shards are resized)

@@ -2,7 +2,7 @@
 
 Every param is created through `sharded(init, names)`: it carries logical axis names (DEVELOPING.md)
 and is *not* eagerly sharded, so models build without a mesh (CPU tests) and are placed on a mesh
-by `jax.jit(init, out_shardings=nnx.get_named_sharding(...))` under the team's logical rules.
+by `jax.jit(init, out_shardings=sharding.param_shardings(...))` from the rules table.
 Activations are constrained with `constrain(x, ("act_batch", ...))`, a no-op outside a mesh.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import spmd as core_spmd
+
+from medcg.train import sharding
 
 Initializer = Callable[..., jax.Array]
 DType = Any
@@ -26,20 +27,11 @@ def sharded(init: Initializer, names: Sequence[str | None]) -> Initializer:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical activation names; no-op without rules or an auto mesh.
+  """Sharding constraint by logical activation names (medcg.train.sharding's rules table).
 
-  Names the active rules do not map stay unconstrained (XLA decides), never forced replicated.
+  A no-op outside `sharding.use_mesh(...)`, so the same model code runs unsharded in tests and on one device.
   """
-  rules = core_spmd.get_logical_axis_rules()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty or not mesh.are_all_axes_auto:
-    return x
-  table = dict(rules)
-  free = jax.sharding.PartitionSpec.UNCONSTRAINED
-  axes = tuple(table[n] if n in table else free for n in names)
-  if all(a is free for a in axes):
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*axes))
+  return sharding.constrain(x, names)
 
 
 def canonical_dtype(name: str | DType) -> DType:

@@ -336,8 +336,8 @@ def abstract_model(cfg) -> tuple[nnx.GraphDef, nnx.State]:
 def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, **overrides) -> LLM:
   """Loads a local HF LlamaForCausalLM / Qwen2ForCausalLM safetensors checkpoint into an `LLM`.
 
-  `overrides` set config keys (dtype, param_dtype, remat, ...). With `mesh` (and logical `rules`,
-  e.g. from medcg.train.sharding) every param is created with its NamedSharding and each host
+  `overrides` set config keys (dtype, param_dtype, remat, ...). With `mesh` (and a logical `rules`
+  table, default medcg.train.sharding.RULES) every param is created with its NamedSharding and each host
   reads only its slices; without, params land on the default device.
   """
   ckpt = hf.open_checkpoint(path)
@@ -346,9 +346,8 @@ def load_hf(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, **o
   graphdef, params = abstract_model(cfg)
   shardings = None
   if mesh is not None:
-    from flax.core import spmd as core_spmd
-    with core_spmd.logical_axis_rules(rules or ()):
-      shardings = nnx.get_named_sharding(params, mesh)
+    from medcg.train import sharding as sharding_lib
+    shardings = sharding_lib.param_shardings(params, mesh, rules or sharding_lib.RULES)
   loaded = hf.load_params(params, ckpt, hf.llm_table(cfg), shardings=shardings)
   return nnx.merge(graphdef, loaded)
 

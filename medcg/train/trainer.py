@@ -42,6 +42,7 @@ class TrainResult:
   losses: list[float]            # per step, in order (this process's run only)
   metrics: dict[str, float]      # last step's metrics + final eval
   preempted: bool = False
+  param_specs: dict[str, str] = dataclasses.field(default_factory=dict)  # trained params' actual shardings
 
 
 class _Preemption:
@@ -304,7 +305,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
   if writer is not None:
     writer.close()
-  return TrainResult(step=step, losses=losses, metrics=metrics, preempted=preempted)
+  specs = {opt_lib.param_path(p): str(x.sharding.spec)
+           for p, x in jax.tree_util.tree_leaves_with_path(state["params"]) if hasattr(x, "sharding")}
+  return TrainResult(step=step, losses=losses, metrics=metrics, preempted=preempted, param_specs=specs)
 
 
 # ------------------------------------------------------------------------------------------------------
