@@ -63,7 +63,8 @@ def get_config(arg=None):
       temperature=0.0,
       max_tokens=64,
       seed=0,                 # sent as the request's `seed` (-1: not sent, for endpoints that reject it)
-      # local: a LLaVA-format safetensors checkpoint run as a medcg VLM, greedy with a fixed seed.
+      # local: a LLaVA-format safetensors checkpoint, or a medcg.train workdir (its latest checkpoint), run as a
+      # medcg VLM, greedy with a fixed seed.
       checkpoint="",
       tokenizer="",           # tokenizer.json (default: the checkpoint's)
       chat_template="llava_v1",

@@ -102,12 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=0,                  # steps; 0 = only at the end (and on SIGTERM)
-      keep=2, keep_best=1, best_metric="eval/answer_accuracy", best_mode="max", async_save=True))
+      keep=2, keep_best=1, best_metric="eval/accuracy", best_mode="max", async_save=True))
 
   c.eval = ml_collections.ConfigDict(dict(
       every=0,                  # steps; 0 = only at the end
       batch_size=64,
       mode="likelihood",        # "likelihood" (option log-likelihood) | "generate" (generate then parse)
+      likelihood_target="letter",   # score the answer as trained (" B") or the option text (" Cyst")
+      likelihood_reduction="mean",  # mean or sum log-prob of the answer tokens
       max_new_tokens=8,
   ))
   return c

@@ -241,3 +241,21 @@ def test_medmat_freeform_samples_through_the_config(tmp_path):
   assert "The correct finding for this image is: Hemorrhage." in prompts_seen[0]
   # The third sample is outside data.limit, so its answers are listed as not in the question set.
   assert {s["sample_id"] for s in results["skipped"]} == {"Subset--05-train-000003"}
+
+
+def test_local_judge_from_a_medcg_training_run(synth_shards, tmp_path):
+  """judge.checkpoint may name a medcg.train workdir: its trained params, tokenizer and template."""
+  from medcg.judge import local
+  from medcg.train import trainer
+  from test_train import micro_config
+  c = micro_config(synth_shards, steps=1)
+  c.mesh.num_devices = 1
+  c.data.eval_mixture = []
+  trainer.train(c, str(tmp_path / "run"))
+  cfg = _config(tmp_path / "judged", judge__checkpoint=str(tmp_path / "run"), judge__max_new_tokens=4,
+                judge__chat_template="plain")
+  judge = local.medcg_judge(cfg.judge)
+  assert judge.identity.startswith("medcg:run@")
+  img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+  texts = judge.generate_fn(["which answer is better?"], [img])
+  assert len(texts) == 1 and isinstance(texts[0], str)

@@ -131,9 +131,11 @@ def medcg_judge(cfg: ml_collections.ConfigDict) -> LocalJudge:
   from medcg.model import clip
 
   path = cfg.checkpoint
+  if path and os.path.isfile(os.path.join(path, "run.json")):
+    return _run_judge(cfg, path)
   if not path or not os.path.isfile(os.path.join(path, "config.json")):
     raise ValueError(f"config judge.checkpoint={path!r}: expected a LLaVA safetensors checkpoint directory "
-                     "(with config.json)")
+                     "(with config.json) or a medcg.train workdir (with run.json)")
   tokenizer = tok_lib.HFTokenizer(cfg.tokenizer or os.path.join(path, "tokenizer.json"))
   model = vlm_lib.load_llava(path, dtype=cfg.dtype)
   if tokenizer.image_token_id != model.image_token_id:
@@ -143,3 +145,14 @@ def medcg_judge(cfg: ml_collections.ConfigDict) -> LocalJudge:
   return vlm_judge(model, tokenizer, image_size=image_size, template=cfg.chat_template,
                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
                    name=os.path.basename(os.path.normpath(path)))
+
+
+def _run_judge(cfg: ml_collections.ConfigDict, workdir: str) -> LocalJudge:
+  """A medcg training run as judge: its latest checkpoint, tokenizer, image size and chat template."""
+  from medcg.data import tokenizer as tok_lib
+  from medcg.train import trainer
+  model, run_cfg = trainer.load_model_from_workdir(workdir)
+  tokenizer = tok_lib.make_tokenizer(run_cfg.data.tokenizer)
+  return vlm_judge(model, tokenizer, image_size=run_cfg.data.image_size, template=run_cfg.data.chat_template,
+                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
+                   name=os.path.basename(os.path.normpath(workdir)))

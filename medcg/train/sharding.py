@@ -94,6 +94,15 @@ def make_mesh(axes: Mapping[str, int] | str, devices: Sequence[jax.Device] | Non
                        devices=devices)
 
 
+def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
+  """The mesh a `config.mesh` section describes; `num_devices` > 0 uses only the first N devices."""
+  axes = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
+  n_devices = int(axes.pop("num_devices", 0) or jax.device_count())
+  if n_devices > jax.device_count():
+    raise ValueError(f"config.mesh.num_devices={n_devices} but only {jax.device_count()} devices exist")
+  return make_mesh(axes, devices=jax.devices()[:n_devices])
+
+
 def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
   table: dict[str, tuple[str, ...]] = {}
   for name, target in rules:

@@ -94,11 +94,7 @@ def _metric_writer(workdir: str):
 
 def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> jax.sharding.Mesh:
   """Checks that need no compilation: mesh vs devices, batch vs data parallelism, accumulation."""
-  axes = dict(config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh)
-  n_devices = axes.pop("num_devices", 0) or n_devices
-  if n_devices > jax.device_count():
-    raise ValueError(f"config.mesh.num_devices={n_devices} but only {jax.device_count()} devices exist")
-  mesh = shd.make_mesh(axes, devices=jax.devices()[:n_devices])
+  mesh = shd.mesh_from_config(config.mesh)
   dp = shd.data_parallel_size(mesh)
   b = config.data.batch_size
   if b % dp:
@@ -120,8 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           fail_at_step: int = -1) -> TrainResult:
   """Train per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  evaluate_fn(model, step) -> metrics is the evaluation hook (medcg.eval plugs in); without it the trainer
-  reports teacher-forced loss / answer accuracy on config.data.eval_mixture.
+  evaluate_fn(model, step) -> metrics is the evaluation hook; by default medcg.eval.runner evaluates
+  config.data.eval_mixture (writing workdir/eval/step_N/ and, at the last step, workdir/results.json).
   fail_at_step injects a NaN loss at that step (tests of the NaN guard).
   """
   from medcg.data import pipeline
@@ -231,6 +227,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # ------------------------------------------------------------------------------------------------
     # Evaluation hook.
     # ------------------------------------------------------------------------------------------------
+    if evaluate_fn is None and config.data.eval_mixture:
+      from medcg.eval import runner
+      evaluate_fn = runner.make_trainer_hook(config, workdir, tokenizer, mesh=mesh, final_step=total_steps)
+
     def run_eval(state) -> dict[str, float]:
       model = nnx.merge(graphdef, state["params"], frozen, rest)
       if evaluate_fn is not None:

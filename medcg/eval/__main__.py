@@ -1,0 +1,168 @@
+"""Evaluate a training run: `python -m medcg.eval --workdir DIR`.
+
+    python -m medcg.eval --workdir runs/row15 [--step N] [--mode generate|likelihood] [--batch-size B]
+        [--mixture 3:test:-1,5:test:100] [--likelihood-target letter|text] [--out DIR]
+
+Loads the run's config.json and the params of its checkpoint (the latest unless --step; an untrained
+run gives the initial model), evaluates the mixture (default: config.data.eval_mixture), writes
+samples.jsonl, results.json, report.md (+ heatmap) into --out (default workdir/eval/step_<N>, with the
+mode / mixture in the name when they differ from the config's) and prints a summary table. Multi-host:
+run the same command on every worker (as `python -m medcg.train`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "A medcg.train run directory (config.json, checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_enum("mode", None, ["likelihood", "generate"], "MCQ mode (default: config.eval.mode).")
+flags.DEFINE_integer("batch_size", None, "Global evaluation batch size (default: config.eval.batch_size).")
+flags.DEFINE_string("mixture", None, "subset:split:n entries, comma-separated, n=-1 for all "
+                    "(default: config.data.eval_mixture).")
+flags.DEFINE_enum("likelihood_target", None, ["letter", "text"],
+                  "Likelihood mode: score the option letter (as trained) or the option text.")
+flags.DEFINE_string("out", None, "Output directory (default: workdir/eval/step_<N>[...]).")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host); 0 = single or from the environment.")
+flags.DEFINE_integer("process_id", -1, "This process's index for multi-process runs.")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def parse_mixture_flag(text: str) -> list[tuple[int, str, int]]:
+  """"3:test:-1,05:test:100" -> [(3, "test", -1), (5, "test", 100)]; errors name the bad entry."""
+  from medcg import mat
+  out = []
+  for i, item in enumerate(x.strip() for x in text.split(",")):
+    if not item:
+      continue
+    parts = item.split(":")
+    if len(parts) != 3:
+      raise ValueError(f"--mixture entry {i} {item!r}: expected subset:split:n")
+    subset, split, n = parts
+    try:
+      subset_id = mat.get(subset).id
+    except KeyError as e:
+      raise ValueError(f"--mixture entry {i} {item!r}: unknown subset {subset!r}") from e
+    try:
+      count = int(n)
+    except ValueError:
+      raise ValueError(f"--mixture entry {i} {item!r}: n must be an integer (-1 for all)") from None
+    if count == 0 or count < -1:
+      raise ValueError(f"--mixture entry {i} {item!r}: n must be positive or -1")
+    out.append((subset_id, split, count))
+  if not out:
+    raise ValueError(f"--mixture {text!r} has no entries")
+  return out
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step of a run, or None when it has none (an untrained arm)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return None
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def default_out(workdir: str, step: int, mode: str, mixture, config) -> str:
+  """workdir/eval/step_<N>; a mode or mixture other than the config's gets its own name."""
+  from medcg.eval import metrics, runner
+  out = runner.step_dir(workdir, step)
+  if mode != config.eval.mode:
+    out += f"-{mode}"
+  if [list(m) for m in mixture] != [list(m) for m in config.data.eval_mixture]:
+    out += f"-mix{metrics.fingerprint([list(m) for m in mixture])[:8]}"
+  return out
+
+
+def print_summary(results: Mapping[str, Any], out_dir: str) -> None:
+  """A rich table: overall, mean over subsets, unparsed rate, then one row per subset."""
+  from rich.console import Console
+  from rich.table import Table
+  table = Table(title=f"medcg eval: {results['eval']['mode']} (step {results.get('step')})")
+  for col in ("", "triplet", "status", "n", "accuracy %"):
+    table.add_column(col, justify="right" if col in ("n", "accuracy %") else "left")
+  overall = results["overall"]
+  table.add_row("overall", "", "", str(overall["n"]), f"{100 * overall['accuracy']:.1f}")
+  table.add_row("mean over subsets", "", "", str(results["counts"]["subsets"]),
+                f"{100 * results['macro_subset']:.1f}")
+  table.add_row("unparsed", "", "", str(results["parse"]["unparsed"]),
+                f"{100 * results['parse']['failure_rate']:.1f}")
+  for key, v in results["per_subset"].items():
+    table.add_row(f"subset {key}", " ".join(v["triplet"]), v["status"], str(v["n"]), f"{100 * v['accuracy']:.1f}")
+  console = Console()
+  console.print(table)
+  console.print(f"wrote {out_dir}")
+
+
+def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch_size: int | None = None,
+        mixture: Sequence[Sequence[Any]] | None = None, likelihood_target: str | None = None,
+        out: str | None = None) -> tuple[dict[str, Any], str]:
+  """Loads a run and evaluates it; returns (results, output directory)."""
+  import jax
+  from medcg.data import tokenizer as tok_lib
+  from medcg.eval import runner
+  from medcg.train import sharding as shd
+  from medcg.train import trainer
+
+  config = trainer.load_run_config(workdir)
+  try:
+    mesh = runner.mesh_from_config(config)
+  except ValueError as e:  # trained elsewhere (a pod, more GPUs): evaluate data-parallel on what is here
+    logging.warning("%s; evaluating on a data-parallel mesh over the %d devices here", e, jax.device_count())
+    mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  if step is None:
+    step = latest_step(workdir)
+  source = "initial" if step is None else "checkpoint"
+  model, config = trainer.load_model_from_workdir(workdir, step=step, config=config, mesh=mesh)
+  step = 0 if step is None else int(step)
+  tokenizer = tok_lib.make_tokenizer(config.data.tokenizer)
+  mode = mode or config.eval.mode
+  mixture = [tuple(m) for m in (mixture or config.data.eval_mixture)]
+  out = out or default_out(workdir, step, mode, mixture, config)
+  results = runner.evaluate(model, config, tokenizer, mixture=mixture, mode=mode, batch_size=batch_size,
+                            out_dir=out, step=step, mesh=mesh, likelihood_target=likelihood_target,
+                            checkpoint={"workdir": os.path.abspath(workdir), "step": step, "source": source},
+                            progress=jax.process_index() == 0)
+  return results, out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from medcg.train import trainer
+  trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  import jax
+  mixture = parse_mixture_flag(FLAGS.mixture) if FLAGS.mixture else None
+  results, out = run(FLAGS.workdir, step=FLAGS.step, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
+                     mixture=mixture, likelihood_target=FLAGS.likelihood_target, out=FLAGS.out)
+  if jax.process_index() == 0:
+    print_summary(results, out)
+
+
+def _dashes_to_underscores(argv: Sequence[str]) -> list[str]:
+  """Lets `--batch-size 8` mean `--batch_size 8` (absl flag names use underscores)."""
+  fixed = [argv[0]]
+  for arg in argv[1:]:
+    if arg.startswith("--") and not arg.startswith("---"):
+      name, eq, value = arg[2:].partition("=")
+      arg = "--" + name.replace("-", "_") + eq + value
+    fixed.append(arg)
+  return fixed
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  return FLAGS(_dashes_to_underscores(argv))
+
+
+if __name__ == "__main__":
+  app.run(main, argv=sys.argv, flags_parser=parse_flags)
