@@ -70,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 32
   c.data.balance_labels = True           # the paper caps training subsets at 3,000, label-balanced
   c.data.eval_mixture = []               # [(subset, split, n_samples)]; n_samples -1 = all
+  # data.clip_text (enabled, source, max_len, tokenizer {kind: byte | clip, path}) comes with the pipeline's
+  # defaults; with a pretrained CLIP text tower set tokenizer.kind="clip" and its tokenizer.json path.
 
   c.model = ml_collections.ConfigDict()    # filled from configs/models.py presets
   # From-scratch models take vocab size and special ids from the tokenizer (off for benchmarks that need
@@ -78,8 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
   # dtype / param_dtype / remat applied to every tower of a model imported from Hugging Face.
   c.model_overrides = ml_collections.ConfigDict(dict(dtype="", param_dtype="", remat=""))
 
+  # TRIM token reduction (medcg.kernels.trim). The text it scores against is CLIP-tokenized by the pipeline
+  # (data.clip_text, set from this section by pipeline.with_clip_text): `text_source` in training,
+  # `eval_text_source` in evaluation ("question" | "conversation"; released TRIM: conversation, question).
   c.trim = ml_collections.ConfigDict(dict(
-      enabled=False, mode="iqr_batch", k_max=0, ratio=0.0, impl="auto", text_source="question"))
+      enabled=False, mode="iqr_batch", k_max=0, ratio=0.0, impl="auto", text_source="question",
+      eval_text_source="question"))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=-1,                 # >= 0 wins over epochs; 0 = no training (evaluate the untrained model)

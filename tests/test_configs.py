@@ -72,7 +72,8 @@ def test_every_sweep_entry_builds(name, base):
     for subset, split, n in c.data.mixture:
       assert split == "train" and n > 0, (arg, subset, split, n)
     if base is None:
-      assert c.model.llm.vocab_size == 264 and c.data.image_size == 64 and c.data.tokenizer.kind == "byte", arg
+      assert c.data.image_size == 64 and c.data.tokenizer.kind == "hf", arg
+      assert c.data.tokenizer.path == common.corpus_tokenizer_path(common.SYNTH_SHARDS), arg
       assert c.data.shards_dir == common.SYNTH_SHARDS
     else:
       assert c.model.llm.hidden_size == 4096 and c.data.image_size == 336 and c.data.num_image_tokens == 576, arg

@@ -33,6 +33,9 @@ The `data` config section (`default_data_config()` gives all fields with default
   prefetch_batches  batches prefetched per process (grain ReadOptions.prefetch_buffer_size)
   seed              selection and shuffle seed
   tokenizer         section for medcg.data.tokenizer.make_tokenizer (kind, path, bos, eos, pad, image)
+  clip_text         TRIM's text (medcg.data.prompt.ClipTextEncoder): enabled, source ("question" |
+                    "conversation"), max_len (77), tokenizer {kind: "byte" | "clip", path}; when enabled
+                    every batch carries `text_ids` int32 (B, max_len). `with_clip_text` sets it from `trim`.
 
 No TensorFlow is imported on this path (tests/test_no_tensorflow.py).
 """
@@ -52,7 +55,7 @@ from PIL import Image
 
 from medcg import mat
 from medcg.data import features
-from medcg.data.prompt import PromptEncoder
+from medcg.data.prompt import ClipTextEncoder, PromptEncoder
 from medcg.data.tokenizer import Tokenizer
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -85,7 +88,27 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.seed = 0
   cfg.tokenizer = ml_collections.ConfigDict({"kind": "byte", "path": "", "bos": None, "eos": None,
                                              "pad": None, "image": None})
+  cfg.clip_text = ml_collections.ConfigDict({
+      "enabled": False, "source": "question", "max_len": 77,
+      "tokenizer": ml_collections.ConfigDict({"kind": "byte", "path": ""})})
   return cfg
+
+
+def with_clip_text(data_cfg, trim_cfg, *, training: bool) -> ml_collections.ConfigDict:
+  """A copy of `data_cfg` whose `clip_text` follows the `trim` section (TRIM needs the text per example).
+
+  Training scores against `trim.text_source`, evaluation against `trim.eval_text_source` (default
+  "question"): the released TRIM trains on the whole conversation and evaluates on the question.
+  """
+  d = ml_collections.ConfigDict(data_cfg.to_dict())
+  if "clip_text" not in d:
+    d.clip_text = default_data_config().clip_text
+  enabled = bool(trim_cfg is not None and trim_cfg.get("enabled", False))
+  d.clip_text.enabled = enabled
+  if enabled:
+    key = "text_source" if training else "eval_text_source"
+    d.clip_text.source = trim_cfg.get(key) or "question"
+  return d
 
 
 class ShardCatalog(Protocol):
@@ -265,10 +288,12 @@ def normalize_images(images: Sequence[np.ndarray]) -> np.ndarray:
 class Preprocess(grain.transforms.Map):
   """One record -> one example dict (numeric arrays plus host-only fields; the image stays uint8)."""
 
-  def __init__(self, encoder: PromptEncoder, image_size: int, include_answer: bool = True):
+  def __init__(self, encoder: PromptEncoder, image_size: int, include_answer: bool = True,
+               clip_encoder: ClipTextEncoder | None = None):
     self.encoder = encoder
     self.image_size = image_size
     self.include_answer = include_answer
+    self.clip_encoder = clip_encoder
 
   def map(self, element: tuple[bytes, str] | tuple[bytes, str, bool]) -> dict[str, Any]:
     """element: (serialized record, its name for errors[, valid: False marks an eval padding row])."""
@@ -281,6 +306,8 @@ class Preprocess(grain.transforms.Map):
       raise ValueError(f"{where}: {e}") from e
     if not valid:
       tokens["loss_mask"] = np.zeros_like(tokens["loss_mask"])
+    if self.clip_encoder is not None:
+      tokens["text_ids"] = self.clip_encoder.encode(record, include_answer=self.include_answer)
     return {
         "image": decode_image(record["image"], self.image_size, where),  # normalised per batch
         **tokens,
@@ -340,6 +367,20 @@ def make_encoder(data_cfg, tokenizer: Tokenizer) -> PromptEncoder:
                        seq_len=data_cfg.seq_len, truncation=data_cfg.truncation)
 
 
+def make_clip_encoder(data_cfg) -> ClipTextEncoder | None:
+  """TRIM's text encoder when `data.clip_text.enabled`, else None (no `text_ids` in the batches)."""
+  clip_cfg = data_cfg.get("clip_text")
+  if clip_cfg is None or not clip_cfg.get("enabled", False):
+    return None
+  return ClipTextEncoder(clip_cfg, data_cfg.chat_template)
+
+
+def make_preprocess(data_cfg, tokenizer: Tokenizer, include_answer: bool = True) -> Preprocess:
+  """The per-record transform for `data_cfg` (prompt tokens, image, and TRIM's text when enabled)."""
+  return Preprocess(make_encoder(data_cfg, tokenizer), data_cfg.image_size, include_answer,
+                    clip_encoder=make_clip_encoder(data_cfg))
+
+
 def make_train_dataset(data_cfg, tokenizer: Tokenizer, *, seed: int | None = None,
                        process_index: int | None = None, process_count: int | None = None,
                        catalog: ShardCatalog | None = None) -> grain.IterDataset:
@@ -353,7 +394,7 @@ def make_train_dataset(data_cfg, tokenizer: Tokenizer, *, seed: int | None = Non
   source = build_mixture(data_cfg, seed=seed, catalog=catalog)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(data_cfg.num_epochs)
   ds = ds[process_index::process_count]
-  ds = ds.map(Preprocess(make_encoder(data_cfg, tokenizer), data_cfg.image_size))
+  ds = ds.map(make_preprocess(data_cfg, tokenizer))
   ds = ds.batch(data_cfg.batch_size, drop_remainder=True, batch_fn=collate)
   return _to_iter(ds, data_cfg)
 
@@ -396,7 +437,7 @@ def make_eval_dataset(data_cfg, tokenizer: Tokenizer, *, include_answer: bool = 
   num_batches = eval_num_batches(len(mixture), data_cfg.batch_size, process_count)
   source = _EvalSource(mixture, host_indices, num_batches * data_cfg.batch_size)
   ds = grain.MapDataset.source(source)
-  ds = ds.map(Preprocess(make_encoder(data_cfg, tokenizer), data_cfg.image_size, include_answer))
+  ds = ds.map(make_preprocess(data_cfg, tokenizer, include_answer))
   ds = ds.batch(data_cfg.batch_size, drop_remainder=True, batch_fn=collate)
   return _to_iter(ds, data_cfg)
 

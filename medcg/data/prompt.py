@@ -153,3 +153,85 @@ class PromptEncoder:
     loss_mask[prompt_len:len(ids)] = 1.0
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
             "prompt_len": np.int32(prompt_len)}
+
+
+# ------------------------------------------------------------------------------------------------------
+# CLIP text for TRIM (reference/trim.md §1.2): the text TRIM scores the image patches against.
+# ------------------------------------------------------------------------------------------------------
+CLIP_TEXT_SOURCES = ("question", "conversation")
+
+
+def clip_text(record: Mapping[str, Any], source: str, template: str | ChatTemplate = "llava_v1",
+              include_answer: bool = True) -> str:
+  """The text of one record for TRIM's CLIP text tower, with the image placeholder replaced by a space.
+
+  "question": the Med-MAT Question-choice text (what TRIM's evaluation scores against: the benchmark's
+  question, `cur_prompt.replace('<image>', ' ')`). "conversation": the whole formatted prompt plus the
+  answer when `include_answer` (what TRIM's training scores against; the tokenizer truncates it to 77).
+  """
+  if source == "question":
+    text = question_choice(record["question"], record["options"])
+  elif source == "conversation":
+    prompt, answer = format_record(record, template)
+    text = prompt + (answer if include_answer else "")
+  else:
+    raise ValueError(f"data.clip_text.source={source!r}: expected one of {CLIP_TEXT_SOURCES}")
+  return text.replace(IMAGE_PLACEHOLDER, " ")
+
+
+class ClipByteTokenizer:
+  """CLIP-style fixed-length byte ids for from-scratch text towers (the `tiny` preset: vocab 264, eos 258).
+
+  `[bos] utf-8 bytes... [eos] pad...`, truncated so that eos is always the last real token (as CLIP's
+  tokenizer truncates), padded to `max_length`. Ids match `ByteTokenizer` (pad 256, bos 257, eos 258).
+  Same call signature as `medcg.model.clip.CLIPTokenizer`.
+  """
+
+  def __init__(self, max_length: int = 77, *, pad_id: int = 256, bos_id: int = 257, eos_id: int = 258):
+    if max_length < 3:
+      raise ValueError(f"data.clip_text.max_len={max_length}: must be >= 3 (bos, one byte, eos)")
+    self.max_length, self.pad_id, self.bos_id, self.eos_id = max_length, pad_id, bos_id, eos_id
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (input_ids, attention_mask), both int32 (len(texts), max_length)."""
+    ids = np.full((len(texts), self.max_length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), self.max_length), np.int32)
+    for i, text in enumerate(texts):
+      row = [self.bos_id] + list(text.encode("utf-8"))[:self.max_length - 2] + [self.eos_id]
+      ids[i, :len(row)] = row
+      mask[i, :len(row)] = 1
+    return ids, mask
+
+  def __repr__(self) -> str:
+    return f"ClipByteTokenizer(max_length={self.max_length}, eos_id={self.eos_id})"
+
+
+def make_clip_tokenizer(clip_text_cfg: Mapping[str, Any]):
+  """The CLIP tokenizer of a `data.clip_text` section: kind "byte" (tiny towers) or "clip" (a tokenizer.json)."""
+  tok = clip_text_cfg["tokenizer"]
+  max_len = int(clip_text_cfg["max_len"])
+  kind = tok["kind"]
+  if kind == "byte":
+    return ClipByteTokenizer(max_len)
+  if kind == "clip":
+    if not tok.get("path"):
+      raise ValueError("data.clip_text.tokenizer.kind='clip' needs data.clip_text.tokenizer.path (a CLIP "
+                       "tokenizer.json or the directory holding it)")
+    from medcg.model import clip  # the model package pulls in jax: only for pretrained CLIP towers
+    return clip.CLIPTokenizer(tok["path"], max_length=max_len)
+  raise ValueError(f"data.clip_text.tokenizer.kind={kind!r}: expected 'byte' or 'clip'")
+
+
+class ClipTextEncoder:
+  """Records -> `text_ids` int32 (max_len,): the CLIP-tokenized TRIM text of `source` (see `clip_text`)."""
+
+  def __init__(self, clip_text_cfg: Mapping[str, Any], template: str | ChatTemplate):
+    self.source = clip_text_cfg["source"]
+    if self.source not in CLIP_TEXT_SOURCES:
+      raise ValueError(f"data.clip_text.source={self.source!r}: expected one of {CLIP_TEXT_SOURCES}")
+    self.template = get_template(template)
+    self.tokenizer = make_clip_tokenizer(clip_text_cfg)
+
+  def encode(self, record: Mapping[str, Any], include_answer: bool = True) -> np.ndarray:
+    ids, _ = self.tokenizer([clip_text(record, self.source, self.template, include_answer)])
+    return ids[0]

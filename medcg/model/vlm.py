@@ -132,7 +132,8 @@ class VLM(nnx.Module):
     """TRIM hook: (B, N, D) patch features -> (B, k_max + 1, D) kept + mean token, and the slot mask."""
     from medcg.kernels import trim as trim_lib  # only models with TRIM on need the kernels
     if text_ids is None:
-      raise ValueError("TRIM is on: pass text_ids (the CLIP-tokenized question) to the VLM")
+      raise ValueError("TRIM is on: pass text_ids (the CLIP-tokenized question) to the VLM; batches carry "
+                       "them when data.clip_text.enabled (medcg.data.pipeline.with_clip_text)")
     # The scores only pick tokens (the released code runs this under torch.no_grad): no gradient through them.
     text_embeds = jax.lax.stop_gradient(self.text(text_ids))
     image_embeds = jax.lax.stop_gradient(self.vision.project_patches(patches))

@@ -12,8 +12,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-# Keys the model reads from a batch; everything else (labels, ids) stays out of the forward.
-MODEL_INPUTS = ("image", "input_ids", "attention_mask")
+# Keys the model reads from a batch; everything else (labels, ids) stays out of the forward. `text_ids`
+# (TRIM's CLIP-tokenized text, data.clip_text) is passed when the batch has it; the others are required.
+MODEL_INPUTS = ("image", "input_ids", "attention_mask", "text_ids")
+REQUIRED_MODEL_INPUTS = ("image", "input_ids", "attention_mask")
+
+
+def model_batch(batch: dict) -> dict:
+  """The keys the forward and the loss read: the model inputs present (required ones checked) and loss_mask."""
+  missing = [k for k in REQUIRED_MODEL_INPUTS + ("loss_mask",) if k not in batch]
+  if missing:
+    raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); see the batch contract in DEVELOPING.md")
+  return {k: batch[k] for k in MODEL_INPUTS + ("loss_mask",) if k in batch}
 
 
 def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
@@ -39,7 +49,7 @@ def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) 
 
 def forward_sums(graphdef, params, frozen, rest, batch) -> dict[str, jax.Array]:
   model = nnx.merge(graphdef, params, frozen, rest)
-  logits = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+  logits = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch.get("text_ids"))
   return token_losses(logits, batch["input_ids"], batch["loss_mask"])
 
 
@@ -63,7 +73,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
   def step(state: dict, frozen, rest, batch: dict) -> tuple[dict, dict]:
     params = state["params"]
-    batch = {k: batch[k] for k in MODEL_INPUTS + ("loss_mask",)}
+    batch = model_batch(batch)
     if accum_steps == 1:
       grads, sums = grad_fn(params, frozen, rest, batch)
     else:
@@ -102,7 +112,7 @@ def make_eval_step(graphdef) -> Callable[..., dict]:
   """Teacher-forced sums on a batch (loss, answer accuracy); padded examples carry loss_mask 0."""
 
   def eval_step(params, frozen, rest, batch: dict) -> dict:
-    return forward_sums(graphdef, params, frozen, rest, {k: batch[k] for k in MODEL_INPUTS + ("loss_mask",)})
+    return forward_sums(graphdef, params, frozen, rest, model_batch(batch))
 
   return eval_step
 

@@ -146,7 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # Input pipeline: each host reads its slice of the global batch.
   # --------------------------------------------------------------------------------------------------
   n_image_tokens = vlm_lib.num_image_tokens(model_cfg, trim_cfg)
-  data_cfg = pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens)
+  data_cfg = pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens, training=True)
   if config.train.steps >= 0:
     total_steps = config.train.steps
   else:
@@ -353,11 +353,14 @@ def check_tokenizer(tokenizer, model_cfg) -> None:
                      f"vocabulary ({tokenizer.vocab_size})")
 
 
-def pipeline_config(config, mixture, global_batch: int, num_image_tokens: int) -> ml_collections.ConfigDict:
-  """The pipeline's `data` section for this host: its share of the global batch, the model's image slots."""
+def pipeline_config(config, mixture, global_batch: int, num_image_tokens: int, *,
+                    training: bool = False) -> ml_collections.ConfigDict:
+  """The pipeline's `data` section for this host: its share of the global batch, the model's image slots,
+  and TRIM's text (`data.clip_text` from `config.trim`: `text_source` in training, `eval_text_source` else)."""
+  from medcg.data import pipeline
   if global_batch % jax.process_count():
     raise ValueError(f"batch size {global_batch} is not divisible by the {jax.process_count()} processes")
-  d = ml_collections.ConfigDict(config.data.to_dict())
+  d = pipeline.with_clip_text(config.data, config.get("trim"), training=training)
   d.mixture = [tuple(m) for m in mixture]
   d.batch_size = global_batch // jax.process_count()
   d.num_image_tokens = num_image_tokens
