@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from configs import models
+from medcg import fileio
 from medcg.model import vlm as vlm_lib
 from medcg.train import mfu as mfu_lib
 
@@ -58,11 +59,7 @@ def _timed(fn: Callable[[], Any], reps: int) -> float:
   return float(np.median(times))
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+_atomic_write = fileio.atomic_write_text
 
 
 def _inputs(cfg, n_image: int, batch: int, seq_len: int, rng: np.random.Generator) -> dict[str, jax.Array]:

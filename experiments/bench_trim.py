@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from medcg import fileio
 from medcg.kernels import trim as trim_lib
 
 FLAGS = flags.FLAGS
@@ -72,11 +73,7 @@ def _timed(fn: Callable[[], Any], reps: int) -> float:
   return float(np.median(times))
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+_atomic_write = fileio.atomic_write_text
 
 
 # ----------------------------------------------------------------------------- (a) kernel

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from medcg import mat
+from medcg.fileio import atomic_write_text  # noqa: F401 (re-exported)
 from medcg.eval import mcq
 
 RESULTS_FILE = "results.json"
@@ -145,22 +146,6 @@ def fingerprint(obj: Any) -> str:
   """A short sha256 of a JSON-able object (a resolved config, a checkpoint's metadata), key-order free."""
   blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to a temp name beside `path`, fsyncs, then renames it into place."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def write_samples(path: str | os.PathLike, records: Iterable[SampleRecord]) -> None:

@@ -3,28 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
+from medcg import fileio
 from medcg.judge import prompts
 from medcg.judge.runner import RunOutput
 
 
-def atomic_write(path: str, text: str) -> None:
-  """Writes text to `path` via a temporary file in the same folder and os.replace."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+atomic_write = fileio.atomic_write_text
 
 
 def results_dict(out: RunOutput, judge_identity: str, judge_decoding: dict, config: Any = None,

@@ -7,35 +7,15 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import jax
 
+from medcg.fileio import atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "numpy",
             "tensorflow-datasets", "medcg")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Write to a temp file in the same directory, then rename: readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def git_commit(repo_dir: str | None = None) -> str:
