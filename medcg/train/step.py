@@ -29,7 +29,8 @@ def model_batch(batch: dict) -> dict:
 def token_losses(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
   """Sums over the batch: masked NLL of next tokens, number of target tokens, correctly predicted ones."""
   logits = logits[:, :-1].astype(jnp.float32)
-  targets = input_ids[:, 1:]
+  # Placeholder ids may lie past the vocabulary (weight 0 there); an out-of-range gather would give NaN.
+  targets = jnp.clip(input_ids[:, 1:], 0, logits.shape[-1] - 1)
   weights = loss_mask[:, 1:].astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
