@@ -15,8 +15,9 @@ Every experiment config (`configs/cg_table3.py`, ...) takes the same run args be
 
 SynthMAT shards that match the synth defaults:
 
-  python -m medcg.data synth --out data/synthmat --image-size 64 --per-subset 600 --test-per-subset 60
-  python -m medcg.data convert --src data/synthmat --out data/synthmat_shards --image-size 64
+  python -m medcg.data synth --out data/synthmat --image-size 32 --per-subset 600 --test-per-subset 60
+  python -m medcg.data convert --src data/synthmat --out data/synthmat_shards --image-size 32
+  python -m medcg.data tokenizer data/synthmat_shards --vocab-size 512
 
 Sizes. data=synth counts every classification subset at `synth_train` and scales the paper's numbers by
 `synth_train / 3000` (cap 3,000 -> 600, scaling total 15,000 -> 3,000, Fig. 6's 2,000 target samples -> 400).
@@ -25,7 +26,7 @@ shape (`splits.release_counts()`: ID subsets at 3,000, OOD subsets at `ood_train
 a subset that is not there, so the planning counts never reach a real run unnoticed.
 
 Recipes follow the model, not the data. tiny: from scratch, the corpus BPE tokenizer (`python -m medcg.data
-tokenizer DIR`; a prompt is ~90 BPE tokens instead of ~220 bytes), 64 px, AdamW lr 1e-3, global batch 32.
+tokenizer DIR`; a prompt is ~90 BPE tokens instead of ~220 bytes), 32 px, AdamW lr 2e-3, global batch 32.
 Pretrained presets (paper §2.2 / App. A.5-A.6): 5 epochs, global batch 32, lr 5e-6 for
 LLaVA (2e-6 for Qwen2-VL / Llama-3.2-V), bf16 compute, the CLIP vision tower (and the CLIP text tower, present
 only with TRIM) frozen, FSDP mesh, LLaVA-1.5 chat template; `hf=DIR` starts from local weights.
@@ -52,10 +53,11 @@ SYNTH_SHARDS = "data/synthmat_shards"
 MEDMAT_SHARDS = "data/medmat_shards"
 SYNTH_TRAIN = 600
 SYNTH_TEST = 60
-SYNTH_IMAGE_SIZE = 64       # the tiny model's input side (64 image tokens at patch 8)
-SYNTH_SEQ_LEN = 192          # 64 image tokens + the BPE prompt (~90 tokens for the longest SynthMAT questions)
+SYNTH_IMAGE_SIZE = 32       # the tiny model's input side (16 image tokens at patch 8): CPU-sized
+SYNTH_SEQ_LEN = 112          # 16 image tokens + the BPE prompt (~90 tokens for the longest SynthMAT questions)
 CORPUS_VOCAB = 512           # the BPE tokenizer from-scratch models use (`python -m medcg.data tokenizer`)
-SYNTH_EPOCHS = 3             # tiny from scratch
+SYNTH_LR = 2e-3
+SYNTH_EPOCHS = 12            # tiny from scratch: ~450 steps of 32 for a 1,200-sample arm
 MEDMAT_EPOCHS = 5            # pretrained presets: the paper's recipe
 MEDMAT_SEQ_LEN = 1024        # 576 image tokens + the LLaVA system prompt + question and options
 GLOBAL_BATCH = 32
@@ -193,7 +195,7 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     raise ValueError("config: the evaluation mixture is empty")
 
   c.data.truncation = "question"  # only the free-text instruction may shorten, never options or answer
-  if args.model == "tiny":  # from scratch: the corpus BPE tokenizer, 64 px, a CPU-sized schedule
+  if args.model == "tiny":  # from scratch: the corpus BPE tokenizer, 32 px, a CPU-sized schedule
     c.model = models.get(args.model)
     c.model.vision.image_size = SYNTH_IMAGE_SIZE
     c.data.image_size = SYNTH_IMAGE_SIZE
@@ -201,7 +203,8 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     c.data.chat_template = "plain"
     c.data.tokenizer.update(dict(kind="hf", path=corpus_tokenizer_path(setting.shards_dir), bos="<s>", eos="</s>",
                                  pad="<pad>", image="<image>"))
-    c.train.lr = 1e-3
+    c.train.lr = SYNTH_LR
+    c.train.warmup_steps = 20
     c.train.epochs = args.epochs or SYNTH_EPOCHS
   else:  # a pretrained-size preset: the paper's recipe, whichever data it reads (shards are resized)
     c.model = models.get(args.model, dtype="bfloat16", param_dtype="float32", remat="full")

@@ -72,7 +72,7 @@ def test_every_sweep_entry_builds(name, base):
     for subset, split, n in c.data.mixture:
       assert split == "train" and n > 0, (arg, subset, split, n)
     if base is None:
-      assert c.data.image_size == 64 and c.data.tokenizer.kind == "hf", arg
+      assert c.data.image_size == common.SYNTH_IMAGE_SIZE and c.data.tokenizer.kind == "hf", arg
       assert c.data.tokenizer.path == common.corpus_tokenizer_path(common.SYNTH_SHARDS), arg
       assert c.data.shards_dir == common.SYNTH_SHARDS
     else:
@@ -98,7 +98,7 @@ def test_recipes():
   with pytest.raises(ValueError, match="qwen2-vl"):
     _module("cross_backbone").get_config(f"row=16,{MEDMAT},backbone=qwen2-vl")
   c = _module("demo").get_config("arm=related")
-  assert c.train.lr == 1e-3 and c.train.epochs == common.SYNTH_EPOCHS and c.train.freeze == ()
+  assert c.train.lr == common.SYNTH_LR and c.train.epochs == common.SYNTH_EPOCHS and c.train.freeze == ()
   assert _module("demo").get_config("arm=related,epochs=7").train.epochs == 7
 
 
@@ -109,7 +109,7 @@ def test_freeze_patterns_match_the_model():
   from medcg.train import optimizer
   c = _module("cg_table3").get_config("row=15,model=tiny")
   assert c.train.freeze == ()
-  assert c.data.num_image_tokens == vlm.num_image_tokens(c.model) == (64 // c.model.vision.patch_size) ** 2
+  assert c.data.num_image_tokens == vlm.num_image_tokens(c.model) == (common.SYNTH_IMAGE_SIZE // c.model.vision.patch_size) ** 2
   # What a pretrained preset freezes, checked on the tiny model's tree, without and with TRIM's text tower.
   for trim in (None, dict(enabled=True, mode="iqr_batch", k_max=7, ratio=0.0, impl="xla", text_source="question")):
     model = nnx.eval_shape(lambda: vlm.VLM(c.model, rngs=nnx.Rngs(0), trim=trim))

@@ -20,8 +20,12 @@ from flax import nnx
 
 
 def param_path(path: Sequence[Any]) -> str:
-  """'vision/layers/attn/q/kernel' from an nnx / jax key path."""
-  keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  """'vision/layers/attn/q/kernel' from an nnx / jax key path.
+
+  Attribute keys (a Variable's `.value` leaf when a State is flattened as a pytree) are not part of the name.
+  """
+  keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path
+          if not isinstance(k, jax.tree_util.GetAttrKey)]
   return "/".join(k for k in keys if not k.startswith("."))
 
 

@@ -42,7 +42,7 @@ class TrainResult:
   losses: list[float]            # per step, in order (this process's run only)
   metrics: dict[str, float]      # last step's metrics + final eval
   preempted: bool = False
-  param_specs: dict[str, str] = dataclasses.field(default_factory=dict)  # trained params' actual shardings
+  param_specs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # trained params' mesh axes per dim
 
 
 class _Preemption:
@@ -76,7 +76,9 @@ class _Preemption:
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
   """jax.distributed.initialize() when more than one process is configured (flags or the environment)."""
   if num_processes > 1 or coordinator:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # CPU processes exchange collectives over gloo; asking jax for the backend here would initialise it,
+    # which jax.distributed.initialize() forbids, so decide from the environment.
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "").split(","):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator or None,
                                num_processes=num_processes or None,
@@ -305,7 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
   if writer is not None:
     writer.close()
-  specs = {opt_lib.param_path(p): str(x.sharding.spec)
+  specs = {opt_lib.param_path(p): tuple(x.sharding.spec)
            for p, x in jax.tree_util.tree_leaves_with_path(state["params"]) if hasattr(x, "sharding")}
   return TrainResult(step=step, losses=losses, metrics=metrics, preempted=preempted, param_specs=specs)
 
