@@ -14,9 +14,9 @@ The sweep (every row x 3 arms x 1 seed; `rows=1-14`, `rows=2+15+25+33`, `seeds=3
 Arms: `related` trains on the row's two subsets (each up to the 3,000 cap, 600 on SynthMAT); `baseline_plus`
 trains on the same number of samples drawn evenly from the subsets sharing no MAT element with the target;
 `baseline` is the untrained model. Every arm evaluates on the target's whole test split; the target's own
-data is never in training. Expected runtime at the default size (SynthMAT, tiny, 64 px, 1,200 samples,
-3 epochs = 111 steps of 32, ~4 s each): about 8 minutes per trained run on an idle 2-core CPU, a minute for
-`baseline`.
+data is never in training. Expected runtime at the default size (SynthMAT, tiny, 32 px, 1,200 samples,
+12 epochs = 444 steps of 32, 0.28 s each): about 2.5 minutes per trained run on a 2-core CPU (measured,
+experiments/results/demo.md), seconds for `baseline`.
 
 The paper's numbers (LLaVA-v1.5-7B; Baseline / Baseline+ / Trained, %), one row per direction type (all 43
 rows: `medcg.paper.TABLE3`):

@@ -8,8 +8,8 @@ no element with the target; `baseline` is the untrained model. The target never 
   python -m experiments.sweep --config configs/cg_three_source.py --launcher local
   python -m experiments.sweep --config configs/cg_three_source.py:rows=2+3,seeds=3 --launcher local --collect
 
-Expected runtime at the default size (SynthMAT, tiny, 64 px, 1,800 samples x 3 epochs = 168 steps): about
-11 minutes per trained run on an idle 2-core CPU (~4 s per step of 32).
+Expected runtime at the default size (SynthMAT, tiny, 32 px, 1,800 samples x 12 epochs = 675 steps): about
+3-4 minutes per trained run on a 2-core CPU (0.28 s per step of 32, measured for the demo).
 
 The paper's numbers (LLaVA-v1.5-7B, %; the paper ran no Baseline+ here):
 

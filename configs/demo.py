@@ -11,9 +11,10 @@ Target: Subset 03 (CT Lung COVID) via Table 3 row 25, CT-Brain-State (05) + X-ra
   python -m experiments.sweep --config configs/demo.py:seeds=3 --launcher local --root runs
 
 Needs SynthMAT shards in data/synthmat_shards (see configs/common.py for the two commands). Expected runtime at
-the default size (tiny model from scratch, 64 px, 600 train samples per subset, 1,200 per trained arm, 3 epochs
-= 111 steps of 32, ~4 s each): about 8 minutes per trained arm on an idle 2-core CPU, a minute for the baseline.
-`epochs=2` or `synth_train=400` cuts a trained arm to about 5 minutes.
+the default size (tiny model from scratch, 32 px, 600 train samples per subset, 1,200 per trained arm, 12 epochs
+= 444 steps of 32, 0.28 s each): about 2.5 minutes per trained arm on a 2-core CPU, seconds for the baseline;
+`python -m medcg.demo` (data + all three arms) took 5.6 minutes (experiments/results/demo.md). At this size the
+demo does not show CG (Related 53.3 vs Baseline+ 51.7 on 60 samples); see that file.
 
 The paper's numbers (LLaVA-v1.5-7B, %):
 

@@ -14,9 +14,9 @@ On SynthMAT every count is scaled by synth_train / 3,000 (0.2: n = 3,000 -> 600)
   python -m experiments.sweep --config configs/limited_data.py --launcher local
   python -m experiments.sweep --config configs/limited_data.py:figs=5,directions=task,seeds=3 --launcher local --collect
 
-Expected runtime at the default size (SynthMAT, tiny, 64 px, 3 epochs, ~4 s per step of 32 on an idle 2-core
-CPU): Fig. 5 runs 200-600 samples (18-56 steps, 1-4 minutes each); Fig. 6 runs 1,200-1,600 samples (112-150 steps,
-8-10 minutes each); the full sweep (68 runs) about 8 CPU hours.
+Expected runtime at the default size (SynthMAT, tiny, 32 px, 12 epochs, 0.28 s per step of 32 on a 2-core
+CPU, measured for the demo): Fig. 5 runs 200-600 samples (75-225 steps, under 2 minutes each); Fig. 6 runs
+1,200-1,600 samples (450-600 steps, 2-3 minutes each); the full sweep (68 runs) about 2-3 CPU hours.
 
 The paper prints no numbers for these figures (curves only); its finding: related data beats unrelated data at
 every size, and with target data the related combination peaks sooner. The rows picked (seed 42):

@@ -11,9 +11,9 @@ subset but the target). Each trained setting draws 15,000 samples (3,000 on Synt
   python -m experiments.sweep --config configs/scaling.py --launcher local
   python -m experiments.sweep --config configs/scaling.py:targets=3,seeds=3 --launcher local --collect
 
-Expected runtime at the default size (SynthMAT, tiny, 64 px, up to 3,000 samples x 3 epochs = 281 steps): about
-19 minutes per trained setting on an idle 2-core CPU (~4 s per step of 32); the full sweep (2 targets x 7 settings)
-about 3.5 CPU hours.
+Expected runtime at the default size (SynthMAT, tiny, 32 px, up to 3,000 samples x 12 epochs = 1,125 steps):
+about 5-6 minutes per trained setting on a 2-core CPU (0.28 s per step of 32, measured for the demo); the full
+sweep (2 targets x 7 settings) about an hour.
 
 The paper's bars (LLaVA-v1.5-7B, %; bar labels read from the text in legend order):
 
