@@ -43,16 +43,8 @@ def get_config(arg=None):
   args = common.run_args(arg, row=15, arm="related")
   common.check_choice(args, "arm", ARMS)
   paper.table3_row(args.row)  # a clear KeyError for a row that does not exist
-  setting = common.data_setting(args)
   combo = splits.table3_combination(args.row)
-  train = common.cg_arm_mixture(combo, args.arm, setting)  # None: the untrained Baseline trains on nothing
-  train_list = train.as_list() if train else []
-  common.assert_target_held_out(train_list, combo.target)
-  return common.build_config(
-      args, setting, train_mixture=train_list, eval_mixture=common.target_eval(combo.target),
-      trained=train is not None,
-      experiment=dict(name="cg_table3", row=args.row, arm=args.arm, target=combo.target,
-                      direction=combo.direction, mixture=train.describe() if train else "untrained"))
+  return common.cg_run_config(args, combo, "cg_table3", row=args.row, direction=combo.direction)
 
 
 def get_sweep(arg=None):

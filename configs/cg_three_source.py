@@ -37,16 +37,7 @@ def get_config(arg=None):
   args = common.run_args(arg, row=3, arm="related")
   common.check_choice(args, "arm", ARMS)
   common.check_choice(args, "row", ROWS)
-  setting = common.data_setting(args)
-  combo = splits.table10_combination(args.row)
-  train = common.cg_arm_mixture(combo, args.arm, setting)  # None: the untrained Baseline trains on nothing
-  train_list = train.as_list() if train else []
-  common.assert_target_held_out(train_list, combo.target)
-  return common.build_config(
-      args, setting, train_mixture=train_list, eval_mixture=common.target_eval(combo.target),
-      trained=train is not None,
-      experiment=dict(name="cg_three_source", row=args.row, arm=args.arm, target=combo.target,
-                      mixture=train.describe() if train else "untrained"))
+  return common.cg_run_config(args, splits.table10_combination(args.row), "cg_three_source", row=args.row)
 
 
 def get_sweep(arg=None):

@@ -232,6 +232,18 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
   return c
 
 
+def cg_run_config(args, combo: splits.Combination, name: str, **experiment: Any) -> ml_collections.ConfigDict:
+  """One arm of a CG combination: its training mixture (the target held out), the target's test split."""
+  setting = data_setting(args)
+  train = cg_arm_mixture(combo, args.arm, setting)  # None: the untrained Baseline trains on nothing
+  train_list = train.as_list() if train else []
+  assert_target_held_out(train_list, combo.target)
+  return build_config(
+      args, setting, train_mixture=train_list, eval_mixture=target_eval(combo.target), trained=train is not None,
+      experiment=dict(name=name, arm=args.arm, target=combo.target,
+                      mixture=train.describe() if train else "untrained", **experiment))
+
+
 def target_eval(target: int) -> list[tuple[int, str, int]]:
   """The whole test split of the target (n = -1: every sample)."""
   return [(mat.get(target).id, "test", -1)]

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from configs import models
+from experiments import benchlib
 from medcg import fileio
 from medcg.model import vlm as vlm_lib
 from medcg.train import mfu as mfu_lib
@@ -48,15 +49,7 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__
                     "Directory for bench_model_<platform>.json / .md.")
 
 
-def _timed(fn: Callable[[], Any], reps: int) -> float:
-  """Median wall time (s) of `fn()` after one warm-up call (compilation)."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+_timed = benchlib.timed
 
 
 _atomic_write = fileio.atomic_write_text

@@ -58,6 +58,7 @@ from rich.console import Console
 from rich.table import Table
 
 from configs import models
+from medcg import fileio
 from medcg.kernels import trim as trim_lib
 from medcg.model import vlm as vlm_lib
 from medcg.train import mfu as mfu_lib
@@ -370,11 +371,7 @@ def verdict(rows: list[dict], device_kind: str, on_cpu: bool) -> str:
           + ("target met." if met else "target NOT met."))
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+_atomic_write = fileio.atomic_write_text
 
 
 def _device_slug(backend: str, kind: str) -> str:

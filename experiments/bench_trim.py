@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import benchlib
 from medcg import fileio
 from medcg.kernels import trim as trim_lib
 
@@ -62,15 +63,7 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__
 H100_HBM_BYTES_PER_S = 3.35e12
 
 
-def _timed(fn: Callable[[], Any], reps: int) -> float:
-  """Median seconds of `reps` calls after one warm-up (compile) call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+_timed = benchlib.timed
 
 
 _atomic_write = fileio.atomic_write_text

@@ -34,30 +34,29 @@ FLAGS = flags.FLAGS
 
 
 def parse_mixture_flag(text: str) -> list[tuple[int, str, int]]:
-  """"3:test:-1,05:test:100" -> [(3, "test", -1), (5, "test", 100)]; errors name the bad entry."""
-  from medcg import mat
-  out = []
+  """"3:test:-1,05:test:100" -> [(3, "test", -1), (5, "test", 100)]; errors name the bad entry.
+
+  Only the text is split here; the entries are checked by the pipeline's own mixture validation.
+  """
+  from medcg.data import pipeline
+  entries = []
   for i, item in enumerate(x.strip() for x in text.split(",")):
     if not item:
       continue
     parts = item.split(":")
     if len(parts) != 3:
       raise ValueError(f"--mixture entry {i} {item!r}: expected subset:split:n")
-    subset, split, n = parts
     try:
-      subset_id = mat.get(subset).id
-    except KeyError as e:
-      raise ValueError(f"--mixture entry {i} {item!r}: unknown subset {subset!r}") from e
-    try:
-      count = int(n)
+      entries.append((parts[0], parts[1], int(parts[2])))
     except ValueError:
       raise ValueError(f"--mixture entry {i} {item!r}: n must be an integer (-1 for all)") from None
-    if count == 0 or count < -1:
-      raise ValueError(f"--mixture entry {i} {item!r}: n must be positive or -1")
-    out.append((subset_id, split, count))
-  if not out:
+  if not entries:
     raise ValueError(f"--mixture {text!r} has no entries")
-  return out
+  try:
+    parsed = pipeline.parse_mixture(entries)
+  except ValueError as e:
+    raise ValueError(f"--mixture: {e}".replace("data.mixture", "entry")) from e
+  return [(e.subset, e.split, -1 if e.n_samples is None else e.n_samples) for e in parsed]
 
 
 def latest_step(workdir: str) -> int | None:
