@@ -37,7 +37,9 @@ def test_smallest_run_writes_documented_report(tmp_path):
   # tiny: 4x4 = 16 patches; ratio 121/576 keeps int(16 * 0.21) = 3 tokens, + 1 mean slot.
   assert rows["off"]["image_slots"] == 16 and rows["off"]["seq_len"] == 16 + 16
   assert rows["ratio"]["image_slots"] == 4 and rows["ratio"]["image_tokens_kept_mean"] == 3.0
-  assert rows["off"]["flops_per_step"] > rows["ratio"]["flops_per_step"]
+  # The decoder sees 12 fewer positions; at tiny size the CLIP text tower TRIM adds (77 tokens) costs more
+  # than that saves, so total FLOPs are not compared here (bench-1b's are, in the script's GPU targets).
+  assert rows["ratio"]["seq_len"] == rows["off"]["seq_len"] - 12
   md = (tmp_path / "bench_train_cpu.md").read_text()
   assert "| off | 2 |" in md and "| ratio | 2 |" in md and "owed" in md
   assert not list(tmp_path.glob("*.tmp.*"))
