@@ -109,14 +109,5 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   return step
 
 
-def make_eval_step(graphdef) -> Callable[..., dict]:
-  """Teacher-forced sums on a batch (loss, answer accuracy); padded examples carry loss_mask 0."""
-
-  def eval_step(params, frozen, rest, batch: dict) -> dict:
-    return forward_sums(graphdef, params, frozen, rest, model_batch(batch))
-
-  return eval_step
-
-
 def tree_size(tree: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))

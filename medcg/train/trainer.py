@@ -94,7 +94,7 @@ def _metric_writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, "tb"))
 
 
-def validate_config(config: ml_collections.ConfigDict, n_devices: int) -> jax.sharding.Mesh:
+def validate_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """Checks that need no compilation: mesh vs devices, batch vs data parallelism, accumulation."""
   mesh = shd.mesh_from_config(config.mesh)
   dp = shd.data_parallel_size(mesh)
@@ -130,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # Set up: run record, logging.
   # --------------------------------------------------------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
-  mesh = validate_config(config, jax.device_count())
+  mesh = validate_config(config)
   if jax.process_index() == 0:
     run_record.write_run_record(workdir, config)
   writer = _metric_writer(workdir)
@@ -182,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   with shd.use_mesh(mesh):
     abs_opt = jax.eval_shape(tx.init, abs_params)
-    opt_sh = _opt_shardings(abs_opt, abs_params, params_sh, mesh)
+    opt_sh = _opt_shardings(abs_opt, params_sh, mesh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = {"params": params_sh, "opt_state": opt_sh, "step": repl}
 
@@ -234,13 +234,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       evaluate_fn = runner.make_trainer_hook(config, workdir, tokenizer, mesh=mesh, final_step=total_steps)
 
     def run_eval(state) -> dict[str, float]:
-      model = nnx.merge(graphdef, state["params"], frozen, rest)
-      if evaluate_fn is not None:
-        return evaluate_fn(model, int(state["step"]))
-      if not config.data.eval_mixture:
+      if evaluate_fn is None:  # no evaluation mixture
         return {}
-      eval_cfg = pipeline_config(config, config.data.eval_mixture, config.eval.batch_size, n_image_tokens)
-      return _teacher_forced_eval(graphdef, state["params"], frozen, rest, eval_cfg, tokenizer, mesh)
+      return evaluate_fn(nnx.merge(graphdef, state["params"], frozen, rest), int(state["step"]))
 
     # ------------------------------------------------------------------------------------------------
     # Train loop.
@@ -374,7 +370,7 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _opt_shardings(abs_opt, abs_params, params_sh, mesh):
+def _opt_shardings(abs_opt, params_sh, mesh):
   """Optimizer moments shard like the param at the same path (optax keeps the param tree); scalars replicate."""
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   is_sh = lambda x: isinstance(x, jax.sharding.NamedSharding)
@@ -402,28 +398,6 @@ def _write_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -
       writer.add_scalar(k, v, step)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def _teacher_forced_eval(graphdef, params, frozen, rest, data_cfg, tokenizer, mesh) -> dict[str, float]:
-  from medcg.data import pipeline
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef))
-  it = pipeline.make_eval_iterator(data_cfg, tokenizer, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  totals: dict[str, float] = {}
-  for local in it:
-    local = dict(local)
-    valid = np.asarray(local.get("valid", np.ones(len(local["input_ids"]), bool)))
-    local["loss_mask"] = local["loss_mask"] * valid[:, None]
-    sums = eval_step(params, frozen, rest, shd.global_batch(local, mesh))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  if not totals:
-    return {}
-  return {
-      "loss": totals["loss_sum"] / max(totals["tokens"], 1.0),
-      "answer_accuracy": totals["answers_right"] / max(totals["answers"], 1.0),
-      "examples": totals["answers"],
-  }
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
