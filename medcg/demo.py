@@ -46,6 +46,23 @@ def ensure_shards(raw_dir: str, shards_dir: str, *, image_size: int, per_subset:
              "--format", fmt, "--no-progress"])
 
 
+def noise_note(runs) -> str:
+  """How large a gap the test split can resolve: one accuracy's binomial standard error at 50 %."""
+  import json
+  n = 0
+  for r in runs:
+    path = os.path.join(r["workdir"], "results.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        n = json.load(f)["overall"]["n"]
+      break
+  if not n:
+    return ""
+  se = 100 * (0.25 / n) ** 0.5
+  return (f"{n} test samples per arm: one accuracy's standard error is about {se:.1f} points, so a gap under "
+          f"~{2 * se:.0f} points between arms is noise (more seeds: --seeds 3).")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/demo")
@@ -53,11 +70,24 @@ def main(argv=None) -> int:
   p.add_argument("--shards", default=common.SYNTH_SHARDS, help="converted shards (built if missing)")
   p.add_argument("--seeds", type=int, default=1, help="seeds per arm (mean ± sd when > 1)")
   p.add_argument("--format", default="tfrecord", choices=("tfrecord", "array_record"))
+  p.add_argument("--synth-train", type=int, default=common.SYNTH_TRAIN, help="SynthMAT train samples per subset")
+  p.add_argument("--synth-test", type=int, default=common.SYNTH_TEST, help="SynthMAT test samples per subset")
+  p.add_argument("--epochs", type=int, default=0, help="0: the recipe's")
   a = p.parse_args(argv)
+  # Paths given relative to the caller's directory; the sweep runs from the repository root.
+  a.workdir, a.data_dir, a.shards = (os.path.abspath(x) for x in (a.workdir, a.data_dir, a.shards))
+  cwd = os.getcwd()
   os.chdir(REPO)
+  try:
+    return _run(a)
+  finally:
+    os.chdir(cwd)
+
+
+def _run(a) -> int:
   t0 = time.time()
-  ensure_shards(a.data_dir, a.shards, image_size=common.SYNTH_IMAGE_SIZE, per_subset=common.SYNTH_TRAIN,
-                test_per_subset=common.SYNTH_TEST, seed=0, fmt=a.format)
+  ensure_shards(a.data_dir, a.shards, image_size=common.SYNTH_IMAGE_SIZE, per_subset=a.synth_train,
+                test_per_subset=a.synth_test, seed=0, fmt=a.format)
   tok = common.corpus_tokenizer_path(a.shards)
   if not os.path.exists(tok):
     from medcg.data.__main__ import build_corpus_tokenizer
@@ -66,7 +96,11 @@ def main(argv=None) -> int:
   print(f"[demo] data ready after {time.time() - t0:.0f} s", flush=True)
 
   from experiments import sweep
-  base = f"{DEMO_CONFIG}:seeds={a.seeds}" + (f",shards={a.shards}" if a.shards != common.SYNTH_SHARDS else "")
+  # Run args that differ from configs/demo.py's defaults travel in the sweep's base arg.
+  extra = dict(shards=(a.shards, os.path.join(REPO, common.SYNTH_SHARDS)),
+               synth_train=(a.synth_train, common.SYNTH_TRAIN), synth_test=(a.synth_test, common.SYNTH_TEST),
+               epochs=(a.epochs, 0))
+  base = f"{DEMO_CONFIG}:seeds={a.seeds}" + "".join(f",{k}={v}" for k, (v, d) in extra.items() if v != d)
   runs = sweep.plan(base, a.workdir, "local", python=sys.executable)
   for r in runs:
     state = "done" if r["done"] else "training" if "arm=baseline," not in r["arg"] + "," else "evaluating"
@@ -79,7 +113,7 @@ def main(argv=None) -> int:
         return rc
       print(f"[demo]   finished in {time.time() - t:.0f} s", flush=True)
   table = sweep.collect(base, a.workdir)
-  text = table.get("markdown", "")
+  text = table.get("markdown", "") + "\n\n" + noise_note(runs)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "demo.md"), "w") as f:
     f.write(text + "\n")
