@@ -198,5 +198,5 @@ def test_small_findings_visible_to_histogram_probe(sid):
   """Stones, bleeds, graded lesion counts and abnormal nuclei sit at random sites: a position-invariant
   probe (intensity histograms) must still tell the labels apart."""
   seed = random.randrange(1 << 30)
-  p = synth_probe.label_probe(sid, per_label=24, image_size=32, seed=seed)
+  p = synth_probe.label_probe(sid, per_label=60, image_size=32, seed=seed)
   assert p["hist"] > p["chance"] + 0.15, (seed, sid, p)
