@@ -10,7 +10,9 @@ Every experiment config (`configs/cg_table3.py`, ...) takes the same run args be
   hf           medmat: a local Hugging Face checkpoint dir (weights + tokenizer.json) to start from
   synth_train  SynthMAT train samples per subset (600: the paper's 3,000 cap scaled by 0.2)
   synth_test   SynthMAT test samples per subset (60)
-  epochs       0 = the recipe's (tiny 3, pretrained presets 5)
+  epochs       0 = the recipe's (tiny 12, pretrained presets 5)
+  init         a finished run's workdir whose params start this run (`train.init_from`), e.g. a run of
+               your own stage-1 pretraining
   ood_train    medmat without a manifest (planning / printing only): assumed train count of OOD subsets
 
 SynthMAT shards that match the synth defaults:
@@ -79,9 +81,9 @@ def run_args(arg: str | None, **experiment: Any) -> ml_collections.ConfigDict:
   """Parses a run's arg string against the experiment's own defaults plus the common run args."""
   defaults = dict(experiment)
   defaults.update(seed=0, data="synth", model="", shards="", hf="", synth_train=SYNTH_TRAIN, synth_test=SYNTH_TEST,
-                  epochs=0, ood_train=DEFAULT_OOD_TRAIN)
+                  epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="")
   for key in experiment:
-    if key in ("seed", "data", "model", "shards", "hf", "synth_train", "synth_test", "epochs", "ood_train"):
+    if key in ("seed", "data", "model", "shards", "hf", "synth_train", "synth_test", "epochs", "ood_train", "init"):
       raise ValueError(f"experiment arg {key!r} clashes with a common run arg")
   args = configlib.parse_arg(arg, **defaults)
   if args.data not in DATA_KINDS:
@@ -201,6 +203,9 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     c.data.image_size = SYNTH_IMAGE_SIZE
     c.data.seq_len = SYNTH_SEQ_LEN
     c.data.chat_template = "plain"
+    # A from-scratch model answers with the option's text, not its letter: binding a letter to an option
+    # is a skill a pretrained LLM brings and 1,200 samples do not teach (experiments/results/demo.md).
+    c.data.answer_format = "text"
     c.data.tokenizer.update(dict(kind="hf", path=corpus_tokenizer_path(setting.shards_dir), bos="<s>", eos="</s>",
                                  pad="<pad>", image="<image>"))
     c.train.lr = SYNTH_LR
@@ -225,6 +230,10 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
   from medcg.model import vlm
   c.data.num_image_tokens = vlm.num_image_tokens(c.model, c.trim)
 
+  if args.init:
+    if args.hf:
+      raise ValueError("config args 'init' and 'hf' both set: a run starts from one of them")
+    c.train.init_from = args.init
   c.train.steps = -1 if trained else 0
   c.experiment = ml_collections.ConfigDict(dict(experiment or {}))
   c.experiment.data_counts = setting.source
@@ -265,14 +274,14 @@ def assert_target_held_out(mixture: Iterable[Sequence[Any]], target: int, allowe
 # ---------------------------------------------------------------------------------------------------
 # Sweeps.
 
-PASS_THROUGH = ("data", "model", "shards", "hf", "synth_train", "synth_test", "epochs", "ood_train")
+PASS_THROUGH = ("data", "model", "shards", "hf", "synth_train", "synth_test", "epochs", "ood_train", "init")
 
 
 def sweep_args(arg: str | None, **sweep_defaults: Any) -> ml_collections.ConfigDict:
   """Parses a sweep's base arg: its own keys (seeds, rows, ...) plus the run args every entry carries."""
   defaults = dict(sweep_defaults)
   defaults.update(data="synth", model="", shards="", hf="", synth_train=SYNTH_TRAIN, synth_test=SYNTH_TEST,
-                  epochs=0, ood_train=DEFAULT_OOD_TRAIN)
+                  epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="")
   return configlib.parse_arg(arg, **defaults)
 
 

@@ -7,7 +7,8 @@
 Each sweep entry is the arg string of one run (`row=15,arm=related,seed=0`). A run's workdir is
 `ROOT/<config name>/<arg string made path-safe>`; a run whose `results.json` exists is skipped, so a sweep
 can be re-launched after a failure or preemption. `--collect` gathers every finished run's results.json into
-one table (markdown + JSON) beside the paper's numbers (the config's `collect(results)` does the layout).
+one table beside the paper's numbers (the config's `collect(results)` does the layout); `--out OUT` also writes
+OUT.md and OUT.json (the table plus every run's overall / per-subset numbers).
 """
 from __future__ import annotations
 
@@ -111,9 +112,19 @@ def collect(config_path: str, root: str) -> dict[str, Any]:
     if os.path.exists(path):
       with open(path) as f:
         results[arg] = json.load(f)
-  if hasattr(module, "collect"):
-    return module.collect(results)
-  return {"runs": results}
+  table = dict(module.collect(results)) if hasattr(module, "collect") else {}
+  # Every run's headline numbers travel with the table, so a committed table can be re-laid out or re-tested.
+  table["runs"] = {arg: {k: res[k] for k in ("overall", "per_subset", "detection") if k in res}
+                   for arg, res in results.items()}
+  return table
+
+
+def write_table(out: str, table: dict[str, Any]) -> None:
+  """OUT.md (the markdown table) and OUT.json (the table plus every run's numbers), each written atomically."""
+  from medcg import fileio
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fileio.atomic_write_text(out + ".md", table.get("markdown", "") + "\n")
+  fileio.atomic_write_json(out + ".json", table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--project", default="")
   p.add_argument("--repo-dir", default="~/medcg", help="pod: the checkout on the workers")
   p.add_argument("--collect", action="store_true", help="only gather finished runs into a table")
+  p.add_argument("--out", default="", help="also write the collected table to OUT.md and OUT.json")
   a = p.parse_args(argv)
 
   if a.collect:
     table = collect(a.config, a.root)
     print(table.get("markdown", json.dumps(table, indent=2)))
+    if a.out:
+      write_table(a.out, table)
     return 0
   if a.launcher == "pod" and not (a.tpu and a.zone):
     p.error("--launcher pod needs --tpu and --zone")
@@ -159,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run {arg} failed with exit code {rc}; see its sweep.log", file=sys.stderr)
   table = collect(a.config, a.root)
   print(table.get("markdown", json.dumps(table, indent=2)))
+  if a.out:
+    write_table(a.out, table)
   return 1 if failed else 0
 
 

@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
       every=0,                  # steps; 0 = only at the end
       batch_size=64,
       mode="likelihood",        # "likelihood" (option log-likelihood) | "generate" (generate then parse)
-      likelihood_target="letter",   # score the answer as trained (" B") or the option text (" Cyst")
+      likelihood_target="",         # "" scores the answer as trained (data.answer_format); "letter" | "text"
       likelihood_reduction="mean",  # mean or sum log-prob of the answer tokens
       max_new_tokens=8,
   ))

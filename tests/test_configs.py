@@ -17,8 +17,9 @@ from medcg import mat
 from medcg import paper
 from medcg import splits
 
-MODULES = ("cg_table3", "cg_three_source", "scaling", "multitask", "limited_data", "cross_backbone", "demo")
-CG_MODULES = ("cg_table3", "cg_three_source", "cross_backbone", "demo")
+MODULES = ("cg_table3", "cg_three_source", "scaling", "multitask", "limited_data", "cross_backbone", "demo",
+           "cls_det")
+CG_MODULES = ("cg_table3", "cg_three_source", "cross_backbone", "demo", "cls_det")
 NO_SHARDS = "/nonexistent/medcg_shards"      # medmat planning counts: no manifest there
 MEDMAT = f"data=medmat,model=llava-1.5-7b,shards={NO_SHARDS}"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,18 @@ def test_recipes():
   c = _module("demo").get_config("arm=related")
   assert c.train.lr == common.SYNTH_LR and c.train.epochs == common.SYNTH_EPOCHS and c.train.freeze == ()
   assert _module("demo").get_config("arm=related,epochs=7").train.epochs == 7
+  # From scratch answers with the option's text and is scored on it; pretrained presets keep Med-MAT's letter.
+  assert c.data.answer_format == "text" and c.eval.likelihood_target == ""
+  assert _module("cg_table3").get_config(f"row=15,{MEDMAT}").data.answer_format == "letter"
+
+
+def test_init_arg_starts_every_arm_from_a_run():
+  for arm in ("baseline", "baseline_plus", "related"):
+    assert _module("demo").get_config(f"arm={arm},init=/runs/stage1").train.init_from == "/runs/stage1", arm
+  assert _module("demo").get_config("arm=related").train.init_from == ""
+  with pytest.raises(ValueError, match="'init' and 'hf'"):
+    _module("cg_table3").get_config(f"row=15,{MEDMAT},hf=/ckpt/llava,init=/runs/stage1")
+  assert _module("demo").get_sweep("init=/runs/stage1")[0].endswith(",init=/runs/stage1")
 
 
 def test_freeze_patterns_match_the_model():
@@ -158,8 +171,8 @@ def test_target_never_trained_on(name, base):
     assert c.data.eval_mixture == [(e.target, "test", -1)], arg
     allowed = e.get("target_samples", 0)
     assert trained.get(e.target, 0) == allowed, arg
-    if allowed:
-      assert e.fig == 6, f"{arg}: only Fig. 6 may train on target samples"
+    if allowed:  # declared target samples: Fig. 6, and Table 5's fixed amount of target detection data
+      assert e.get("fig") == 6 or e.get("table") == 5, f"{arg}: only Fig. 6 / Table 5 may train on target samples"
 
 
 @pytest.mark.parametrize("name", CG_MODULES)
@@ -180,7 +193,7 @@ def test_baseline_plus_matches_related_total(name, base):
       assert sum(n for *_, n in plus) == sum(n for *_, n in related), key
       target = next(c for a, c in runs if tuple(sorted((k, v) for k, v in common.parse_entry(a).items()
                                                      if k != "arm")) == key).experiment.target
-      assert all(not mat.shared_elements(target, s) for s, _, _ in plus), key
+      assert all(not mat.shared_elements(target, s) for s, _, _ in plus if s != target), key  # Table 5 adds target
 
 
 @pytest.mark.parametrize("base, total, cap", [(None, 3000, 600), (MEDMAT, 15000, 3000)], ids=["synth", "medmat"])
@@ -330,7 +343,7 @@ def test_collect_renders_tables(name):
 
 
 EXPECTED_ROWS = {"cg_table3": 43, "cg_three_source": 9, "scaling": 14, "multitask": 37, "cross_backbone": 8,
-                 "demo": 1, "limited_data": 16}
+                 "demo": 1, "limited_data": 16, "cls_det": 10}
 
 
 def test_collect_means_over_seeds():
@@ -371,3 +384,25 @@ def test_colab_notebook_is_valid():
   # The notebook's SynthMAT sizes are the ones the configs plan with.
   assert f"--per-subset {common.SYNTH_TRAIN}" in text and f"--test-per-subset {common.SYNTH_TEST}" in text
   assert f"--image-size {common.SYNTH_IMAGE_SIZE}" in text
+
+
+def test_sweep_collect_writes_the_table_and_every_run(tmp_path, capsys):
+  from experiments import sweep
+  config = os.path.join(REPO, "configs", "demo.py") + ":seeds=2"
+  accs = {("baseline", 0): 0.5, ("baseline", 1): 0.45, ("baseline_plus", 0): 0.5, ("related", 0): 0.9,
+          ("related", 1): 0.8}
+  for arg in sweep.sweep_args(config):
+    parsed = common.parse_entry(arg)
+    key = (parsed["arm"], int(parsed["seed"]))
+    if key in accs:  # baseline_plus seed 1 is unfinished: left out, not an error
+      workdir = sweep.workdir_for(str(tmp_path / "runs"), config, arg)
+      os.makedirs(workdir)
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(_fake_results({3: accs[key]}), f)
+  out = tmp_path / "tables" / "demo"
+  assert sweep.main(["--config", config, "--root", str(tmp_path / "runs"), "--collect", "--out", str(out)]) == 0
+  markdown = (tmp_path / "tables" / "demo.md").read_text()
+  assert markdown.strip() in capsys.readouterr().out and "85.0" in markdown   # Related: mean of 90 and 80
+  saved = json.loads((tmp_path / "tables" / "demo.json").read_text())
+  assert saved["markdown"].strip() == markdown.strip() and len(saved["runs"]) == len(accs)
+  assert saved["runs"]["arm=related,seed=1"]["overall"]["accuracy"] == pytest.approx(0.8, abs=0.01)

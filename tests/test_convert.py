@@ -301,8 +301,8 @@ def test_subset_with_every_record_skipped(tmp_path):
 def test_convert_rejects_bad_arguments(tmp_path):
   src = tmp_path / "src"
   fx.make_release(src, n_train=2, n_test=1, schema_a=(5,), schema_b=())
-  with pytest.raises(ValueError, match=r"subsets \[40\] are detection/segmentation subsets"):
-    _convert(src, tmp_path / "out", subsets=[40])
+  with pytest.raises(ValueError, match=r"subsets \[51\] are segmentation subsets"):
+    _convert(src, tmp_path / "out", subsets=[51])
   with pytest.raises(medmat.MedMatError, match=r"no JSON files for subsets \[3\]"):
     _convert(src, tmp_path / "out", subsets=[3, 5])
   with pytest.raises(ValueError, match="--format must be one of"):
@@ -321,3 +321,55 @@ def test_array_record_conversion_needs_no_tensorflow(tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- detection subsets: SynthMAT -> shards -> batches ---------------------------------------------------
+
+def test_detection_subset_round_trip_to_batches(tmp_path):
+  """A SynthMAT detection subset converts into the same builder and reaches the batch with its box answer."""
+  from medcg.data import pipeline, synthetic
+  from medcg.data import tokenizer as tok_lib
+  from medcg.eval import detection
+  src, out = tmp_path / "src", tmp_path / "out"
+  synthetic.write_synthmat(src, image_size=32, per_subset=5, test_per_subset=3, subsets=[3, 47], progress=False)
+  manifest = _convert(src, out, image_size=32, fmt="array_record")
+  assert manifest.subsets("train") == [3, 47] and manifest.labels(47, "train") == {"lung opacity": 5}
+  source = shards.subset_source(out, 47, "train")
+  truth = {r.sample_id: r for r in medmat.read_subset(src, 47, "train").records}
+  for i in range(len(source)):
+    ex = features.parse_example(source[i])
+    r = truth[ex["sample_id"]]
+    assert ex["options"] == [] and ex["answer"] == r.answer and len(detection.parse_boxes(ex["answer"])) == 1
+    assert ex["question"] == r.question and "[x1, y1, x2, y2]" in ex["question"] and ex["caption"] == "lung opacity"
+  data = pipeline.default_data_config()
+  data.update(dict(shards_dir=str(out), mixture=[(47, "train", 5), (3, "train", 5)], image_size=32,
+                   num_image_tokens=4, seq_len=224, batch_size=10, num_epochs=1, chat_template="plain",
+                   answer_format="text"))
+  tok = tok_lib.ByteTokenizer()
+  batch = next(iter(pipeline.make_train_dataset(data, tok, process_index=0, process_count=1)))
+  det = batch["subset"] == 47
+  assert det.sum() == 5
+  assert (batch["answer_idx"][det] == -1).all() and (batch["num_options"][det] == 0).all()
+  assert (batch["answer_idx"][~det] >= 0).all() and (batch["num_options"][~det] == 2).all()
+  for b in np.flatnonzero(det):
+    ids, mask = batch["input_ids"][b], batch["loss_mask"][b]
+    target = ids[mask > 0]
+    assert target[-1] == tok.eos_id and tok.decode(target[:-1]) == " " + batch["answer"][b]
+    assert batch["options"][b] == ()
+    prompt = tok.decode(ids[:batch["prompt_len"][b]])
+    assert "[x1, y1, x2, y2]" in prompt and "A:" not in prompt
+
+
+def test_synth_detection_flag_and_tokenizer_corpus(tmp_path, capsys):
+  """`synth --detection` writes 38-50; convert takes them (not segmentation); the BPE corpus holds the boxes."""
+  src, out = tmp_path / "synth", tmp_path / "out"
+  assert cli.main(["synth", "--out", str(src), "--image-size", "16", "--per-subset", "1", "--test-per-subset", "1",
+                   "--subsets", "5", "--detection", "--no-progress"]) == 0
+  assert cli.main(["convert", "--src", str(src), "--out", str(out), "--image-size", "16",
+                   "--format", "array_record", "--subsets", "5,39,46", "--no-progress"]) == 0
+  info = _inspect_json(out, capsys)
+  assert sorted(info["subsets"]) == ["05", "39", "46"]
+  assert info["subsets"]["46"]["triplet"] == ["MRI", "Liver", "Det"]
+  texts = list(cli.corpus_texts(str(out)))
+  boxes = [t for t in texts if "[x1, y1, x2, y2]" in t]
+  assert len(boxes) == 4 and all(t.split("\nAnswer: ")[1].startswith("[0.") for t in boxes)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -150,6 +151,19 @@ def test_text_target_runs(loaded, tmp_path):
   assert len(samples) == N_TEST
 
 
+def test_likelihood_target_follows_the_trained_answer_format(loaded, tmp_path):
+  """Unset `eval.likelihood_target` scores what the model was trained to say (`data.answer_format`)."""
+  model, config, tokenizer, mesh = loaded
+  assert config.eval.likelihood_target == ""
+  text_config = ml_collections.ConfigDict(config.to_dict())
+  text_config.data.answer_format = "text"
+  explicit, _, _ = _evaluate(loaded, tmp_path / "explicit", "likelihood", 8, likelihood_target="text")
+  implied = runner.evaluate(model, text_config, tokenizer, mixture=EVAL_MIXTURE, mode="likelihood", batch_size=8,
+                            out_dir=str(tmp_path / "implied"), step=2, mesh=mesh)
+  assert implied["eval"]["likelihood_target"] == "text"
+  assert _without_run_fields(implied) == _without_run_fields(explicit)
+
+
 def _fake_local(tokenizer, outputs):
   """A host batch of len(outputs) rows (the last a padding row) for `_records_for_batch`."""
   n = len(outputs)
@@ -268,3 +282,136 @@ def test_two_processes_read_back_their_rows_and_gather_records(tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
     assert 'RESULT ["p0-0", "p1-0", "p1-1"]' in out
+
+
+# -- detection subsets in the evaluation mixture (boxes by greedy generation, IoU / cIoU) -----------------
+DET_SUBSETS = (3, 39)          # a classification and a detection subset in one mixture
+DET_MIXTURE = [(s, "test", -1) for s in DET_SUBSETS]
+DET_TEST = 5
+
+
+@pytest.fixture(scope="session")
+def det_loaded(tmp_path_factory):
+  """A tiny model trained 2 steps on SynthMAT 03 + 39 (a detection subset), ready to evaluate."""
+  root = tmp_path_factory.mktemp("eval_runner_det")
+  synthetic.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=DET_TEST,
+                           subsets=list(DET_SUBSETS), progress=False)
+  tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=16, fmt="array_record",
+                       progress=False)
+  config = _config(str(root / "shards"))
+  config.data.mixture = [(s, "train", 8) for s in DET_SUBSETS]
+  config.data.eval_mixture = DET_MIXTURE
+  workdir = str(root / "run")
+  tokenizer = tok_lib.make_tokenizer(config.data.tokenizer)
+  result = trainer.train(config, workdir, evaluate_fn=runner.make_trainer_hook(config, workdir, tokenizer))
+  mesh = runner.mesh_from_config(config)
+  model, config = trainer.load_model_from_workdir(workdir, config=config, mesh=mesh)
+  return model, config, tokenizer, mesh, result
+
+
+def _evaluate_det(det_loaded, out, mode, batch_size):
+  model, config, tokenizer, mesh, _ = det_loaded
+  results = runner.evaluate(model, config, tokenizer, mixture=DET_MIXTURE, mode=mode, batch_size=batch_size,
+                            out_dir=str(out), step=2, mesh=mesh)
+  return results, [r.to_dict() for r in metrics.read_samples(out / metrics.SAMPLES_FILE)]
+
+
+@pytest.mark.parametrize("mode", ["likelihood", "generate"])
+def test_detection_rows_are_generated_scored_and_batch_invariant(det_loaded, tmp_path, mode):
+  by_batch = {b: _evaluate_det(det_loaded, tmp_path / f"{mode}{b}", mode, b) for b in (3, 8)}
+  results, samples = by_batch[8]
+  for b, (res, smp) in by_batch.items():
+    assert smp == samples, f"batch {b} changed per-sample outputs ({mode})"
+    assert _without_run_fields(res) == _without_run_fields(results), f"batch {b} changed results"
+  det = [s for s in samples if s["subset"] == 39]
+  cls = [s for s in samples if s["subset"] == 3]
+  assert len(det) == DET_TEST and len(cls) == 4     # 03's test split rounds down to its 2 labels
+  for s in det:
+    assert set(s) >= {"output", "parsed", "box", "iou"} and 0.0 <= s["iou"] <= 1.0
+    assert (s["box"] is None) == (s["parsed"] is None) == (s["stage"] == "unparsed")
+    assert s["correct"] == (s["iou"] >= 0.5) and s["answer"].startswith("[")
+    assert "[x1, y1, x2, y2]" in s["prompt"] and "Answer with the option" not in s["prompt"]
+  assert all("box" not in s and "iou" not in s for s in cls)  # classification rows keep their schema
+  # Accuracies cover the classification samples only; detection has its own section.
+  assert results["overall"]["n"] == len(cls) and set(results["per_subset"]) == {"03"}
+  section = results["detection"]
+  assert section["overall"]["n"] == section["per_subset"]["39"]["n"] == DET_TEST
+  unparsed = sum(s["parsed"] is None for s in det)
+  assert section["per_subset"]["39"]["parse_failure_rate"] == pytest.approx(unparsed / DET_TEST)
+  assert section["per_subset"]["39"]["mean_iou"] == pytest.approx(np.mean([s["iou"] for s in det]))
+  on_disk = metrics.load_results(tmp_path / f"{mode}8")
+  assert on_disk["detection"] == section and on_disk["eval"]["detection"]["decoding"] == "greedy"
+  text = (tmp_path / f"{mode}8" / runner.REPORT_FILE).read_text()
+  assert "## Detection (cIoU)" in text and "| 39 | End Intestine Det |" in text
+
+
+def test_detection_max_new_tokens_fits_the_longest_box(det_loaded):
+  _, config, tokenizer, _, _ = det_loaded
+  from configs import models as _  # noqa: F401 (the config is already built)
+  data_cfg = trainer.pipeline_config(config, [(39, "test", -1)], 8, 16)
+  auto = runner.detection_max_new_tokens(config, data_cfg, tokenizer)
+  # Byte tokenizer: " [0.123, 0.456, 0.789, 0.987]" is 29 bytes, + eos + margin.
+  assert auto == 29 + 1 + runner.DETECTION_MARGIN
+  fixed = ml_collections.ConfigDict(config.to_dict())
+  fixed.eval.detection_max_new_tokens = 50
+  assert runner.detection_max_new_tokens(fixed, data_cfg, tokenizer) == 50
+  fixed.eval.detection_max_new_tokens = -1
+  with pytest.raises(ValueError, match="detection_max_new_tokens"):
+    runner.detection_max_new_tokens(fixed, data_cfg, tokenizer)
+
+
+def test_detection_outputs_scored_by_iou(det_loaded, tmp_path):
+  tokenizer = det_loaded[2]
+  truth = "[0.100, 0.100, 0.500, 0.500]"
+  outputs = ["[0.100, 0.100, 0.500, 0.500]", "[0.300, 0.300, 0.700, 0.700]", "no box", "{<10><10><50><40>}",
+             "pad row"]
+  local, _ = _fake_local(tokenizer, ["x"] * len(outputs))
+  n = len(outputs)
+  tokens = np.full((n, 40), tokenizer.pad_id, np.int32)
+  lengths = np.zeros((n,), np.int32)
+  for i, text in enumerate(outputs):
+    t = tokenizer.encode(text) + [tokenizer.eos_id]
+    tokens[i, :len(t)], lengths[i] = t, len(t)
+  scored = (tokens, lengths)
+  local["subset"] = np.full((n,), 39, np.int32)
+  local["num_options"] = np.zeros((n,), np.int32)
+  local["answer"] = np.array([truth] * n, object)
+  local["options"] = np.empty((n,), object)
+  local["options"][:] = [()] * n
+  records = runner._records_for_batch(local, scored, mode="generate", tokenizer=tokenizer, reduction="mean")
+  assert [(r.parsed, r.stage, r.correct) for r in records] == [
+      (truth, "box", True), ("[0.300, 0.300, 0.700, 0.700]", "box", False), (None, "unparsed", False),
+      ("[0.100, 0.100, 0.500, 0.400]", "box", True)]
+  assert [r.iou for r in records] == pytest.approx([1.0, 0.04 / 0.28, 0.0, 0.75])
+  results = metrics.write_results(tmp_path, records)
+  det = results["detection"]["overall"]
+  assert det["n"] == 4 and det["parse_failure_rate"] == 0.25 and results["overall"]["n"] == 0
+  # cIoU sums intersections over unions: (0.16 + 0.04 + 0 + 0.12) / (0.16 + 0.28 + 0.16 + 0.16).
+  assert det["ciou"] == pytest.approx(0.32 / 0.76)
+  assert metrics.read_samples(tmp_path / metrics.SAMPLES_FILE) == sorted(records, key=lambda r: r.sample_id)
+  with pytest.raises(ValueError, match="without 'iou'"):
+    metrics.SampleRecord.from_dict({**records[0].to_dict(), "iou": None}, where="line 1")
+
+
+def test_trainer_hook_reports_ciou(det_loaded):
+  m = det_loaded[4].metrics
+  assert "eval/ciou" in m and "eval/ciou/39" in m and m["eval/samples"] == 4
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_to_answer_with_a_box(tmp_path):
+  """End to end (~60 s on 2 CPU cores): 60 steps on 64 SynthMAT polyp images and the tiny model's greedy
+  answers parse as boxes most of the time (its cIoU is still near zero at this length)."""
+  synthetic.write_synthmat(tmp_path / "src", image_size=32, per_subset=64, test_per_subset=8, subsets=[39],
+                           progress=False)
+  tfds_builder.convert(tmp_path / "src", tmp_path / "shards", image_size=32, shard_size=64, fmt="array_record",
+                       progress=False)
+  c = _config(str(tmp_path / "shards"))
+  c.data.update(dict(seq_len=224, batch_size=16, chat_template="plain", mixture=[(39, "train", 64)],
+                     eval_mixture=[(39, "test", -1)]))
+  c.train.update(dict(steps=60, log_every=20, lr=3e-3, warmup_steps=5))
+  c.mesh.num_devices = 1
+  tokenizer = tok_lib.make_tokenizer(c.data.tokenizer)
+  result = trainer.train(c, str(tmp_path / "run"), evaluate_fn=runner.make_trainer_hook(c, str(tmp_path / "run"),
+                                                                                      tokenizer))
+  assert result.metrics["eval/detection_parse_failure_rate"] <= 0.5, result.metrics

@@ -260,3 +260,78 @@ def test_parse_example_imports_no_tensorflow():
                        cwd=Path(__file__).resolve().parents[1])
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "ok"
+
+
+# -- detection records (schema A without options, the box as the answer) -------------------------------
+
+@pytest.fixture
+def det_release(tmp_path):
+  from medcg.data import synthetic
+  synthetic.write_synthmat(tmp_path, image_size=16, per_subset=3, test_per_subset=1, subsets=[39], progress=False)
+  return tmp_path, tmp_path / "Aggregated_Subsets" / "Subset--39-train.json"
+
+
+def test_detection_record_fields(det_release):
+  root, _ = det_release
+  rec = medmat.read_subset(root, 39, "train").records[0]
+  assert rec.options == {} and rec.option_list == [] and rec.caption == "polyp"
+  assert rec.triplet == ("End", "Intestine", "Det") and "[x1, y1, x2, y2]" in rec.question
+  assert rec.answer == features.detection.format_box(features.detection.parse_box(rec.answer))
+
+
+def test_detection_answer_on_a_0_100_grid_is_normalised(det_release):
+  root, path = det_release
+  _edit(path, 1, **{"Answer-choice": "[10, 20, 40, 60]"})
+  assert medmat.read_subset(root, 39, "train").records[1].answer == "[0.100, 0.200, 0.400, 0.600]"
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("Answer-choice", "B", "found 0"),
+    ("Answer-choice", "[0.5, 0.2, 0.1, 0.6]", "found 0"),                        # x2 < x1
+    ("Answer-choice", "[0.1, 0.1, 0.2, 0.2] and [0.3, 0.3, 0.4, 0.4]", "found 2"),
+    ("Question-choice", "Where is the polyp?\nA: left\nB: right", "has no options"),
+    ("Question", "", "is empty"),
+])
+def test_bad_detection_records_name_file_record_and_field(det_release, field, value, match):
+  root, path = det_release
+  _edit(path, 2, **{field: value})
+  with pytest.raises(medmat.MedMatError, match=match) as e:
+    medmat.read_subset(root, 39, "train")
+  assert (e.value.file, e.value.index, e.value.field) == (str(path), 2, field)
+  skipped = medmat.read_subset(root, 39, "train", on_error="skip")
+  assert len(skipped.records) == 2 and skipped.skipped[0].index == 2
+
+
+def test_segmentation_subset_is_refused(det_release):
+  root, path = det_release
+  seg = path.with_name("Subset--51-train.json")
+  seg.write_text(path.read_text())
+  with pytest.raises(medmat.MedMatError, match="segmentation subset") as e:
+    medmat.read_subset(root, 51, "train")
+  assert e.value.index == 0
+
+
+def _det_example(answer=b"[0.100, 0.200, 0.300, 0.400]", options=(), subset=39) -> bytes:
+  from medcg.data import example_proto
+  ex = example_proto.Example()
+  ex.ParseFromString(_example(answer=answer, task=b"Det"))
+  ex.features.feature["subset"].int64_list.value[:] = [subset]
+  ex.features.feature["options"].bytes_list.value[:] = list(options)
+  return ex.SerializeToString()
+
+
+def test_parse_example_validates_detection_records():
+  ex = features.parse_example(_det_example())
+  assert ex["options"] == [] and features.answer_index(ex) == -1 and features.is_detection(ex)
+  with pytest.raises(features.RecordError, match="rec 9: detection subset 39 record holds 2 options"):
+    features.parse_example(_det_example(options=(b"a", b"b")), where="rec 9")
+  with pytest.raises(features.RecordError, match="holds 0 well-formed boxes"):
+    features.parse_example(_det_example(answer=b"B"))
+  with pytest.raises(features.RecordError, match="holds 2 well-formed boxes"):
+    features.parse_example(_det_example(answer=b"[0.1, 0.1, 0.2, 0.2] [0.3, 0.3, 0.4, 0.4]"))
+  with pytest.raises(features.RecordError, match="segmentation subset"):
+    features.parse_example(_det_example(subset=52))
+  with pytest.raises(features.RecordError, match="'options' holds 0 options"):
+    features.parse_example(_det_example(subset=3, answer=b"A"))       # a classification record needs options
+  with pytest.raises(features.RecordError, match="key 'subset'"):
+    features.parse_example(_det_example(subset=99))

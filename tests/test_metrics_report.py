@@ -188,3 +188,19 @@ def test_plots(tmp_path):
   assert not list(tmp_path.glob(".*tmp*"))
   with pytest.raises(ValueError, match="3 points for 4 x values"):
     plots.plot_curves(tmp_path / "bad.png", paper.FIG5_SAMPLES, {"x": [[0.1]] * 3}, "n")
+
+
+def test_cli_summary_shows_detection_rows(capsys):
+  from medcg.eval import __main__ as eval_cli
+  det = ("Der", "Skin", "Det")
+  records = hand_records() + [
+      metrics.score_detection("d1", 38, det, "q", "[0.100, 0.100, 0.500, 0.500]", "[0.100, 0.100, 0.500, 0.500]"),
+      metrics.score_detection("d2", 38, det, "q", "no box here", "[0.200, 0.200, 0.400, 0.400]")]
+  res = metrics.aggregate(records)
+  res["eval"], res["step"] = {"mode": "likelihood"}, 7
+  eval_cli.print_summary(res, "/tmp/out")
+  out = capsys.readouterr().out
+  assert "detection" in out and "cIoU" in out and "subset 38" in out
+  # cIoU = 0.16 / (0.16 + 0.04): the unparsed box counts as an empty prediction.
+  assert "80.0" in out and "50.0" in out                       # cIoU 80 %, unparsed 50 %
+  assert res["overall"]["n"] == 6, "accuracies stay over the classification samples"

@@ -147,8 +147,8 @@ def test_bad_inputs_are_named():
     render(40, "Normal", np.random.default_rng(0), 32)
   with pytest.raises(ValueError, match="image_size"):
     render(3, "Normal", np.random.default_rng(0), 4)
-  with pytest.raises(ValueError, match="classification subsets"):
-    write_synthmat("/nonexistent", subsets=[40], progress=False)
+  with pytest.raises(ValueError, match="classification subsets 01-37 and detection subsets 38-50"):
+    write_synthmat("/nonexistent", subsets=[51], progress=False)
   with pytest.raises(KeyError, match="99"):
     write_synthmat("/nonexistent", subsets=["99"], progress=False)
   with pytest.raises(ValueError, match="per_subset"):
@@ -200,3 +200,87 @@ def test_small_findings_visible_to_histogram_probe(sid):
   seed = random.randrange(1 << 30)
   p = synth_probe.label_probe(sid, per_label=60, image_size=32, seed=seed)
   assert p["hist"] > p["chance"] + 0.15, (seed, sid, p)
+
+
+
+# -- detection subsets 38-50 ------------------------------------------------------------------------------
+from medcg.data import synth_render  # noqa: E402
+from medcg.eval import detection  # noqa: E402
+
+DET = tuple(mat.DETECTION_SUBSETS)
+
+
+def test_detection_tables_cover_every_detection_subset():
+  synth_spec.check_det_specs()
+  assert sorted(synth_spec.DET_SPECS) == list(range(38, 51))
+  assert synth_spec.DET_TEMPLATES[39][0].startswith("Locate the polyp in this intestinal endoscopy image.")
+
+
+def test_tight_box_is_the_mask_extent():
+  alpha = np.zeros((32, 32), np.float32)
+  alpha[5:9, 10:20] = 1.0
+  alpha[4, 12] = 0.5                                   # not > 0.5: outside the object
+  assert synth_render.tight_box(alpha) == (10 / 32, 5 / 32, 20 / 32, 9 / 32)
+  assert synth_render.tight_box(np.zeros((8, 8))) is None
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_detection_subset_renders_with_the_painted_objects_box(size, monkeypatch):
+  masks, real = [], synth_render._object_mask
+
+  def recording(*args):
+    masks.append(real(*args))
+    return masks[-1]
+
+  monkeypatch.setattr(synth_render, "_object_mask", recording)
+  for sid in DET:
+    masks.clear()
+    img, box = synth_render.render_detection(sid, np.random.default_rng([2, sid]), size)
+    assert img.shape == (size, size, 3) and img.dtype == np.uint8 and img.std() > 5, sid
+    rows, cols = np.nonzero(masks[-1] > 0.5)             # the object that was painted last
+    assert box == (cols.min() / size, rows.min() / size, (cols.max() + 1) / size, (rows.max() + 1) / size), sid
+    assert detection.parse_box(detection.format_box(box)) is not None, sid
+    again, same = synth_render.render_detection(sid, np.random.default_rng([2, sid]), size)
+    assert np.array_equal(img, again) and same == box, sid
+
+
+@pytest.mark.parametrize("sid", [38, 39, 42, 47])
+def test_detection_boxes_vary_in_position(sid):
+  boxes = np.array([synth_render.render_detection(sid, np.random.default_rng([7, sid, i]), 32)[1]
+                    for i in range(24)])
+  centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+  assert centres.std(axis=0).min() > 0.05, (sid, centres.std(axis=0))
+  assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_detection_object_shows_in_the_image():
+  """The box holds the object: a polyp (lesion tissue) is brighter than the endoscopic wall around it."""
+  inside = []
+  for i in range(12):
+    img, box = synth_render.render_detection(39, np.random.default_rng([4, i]), 32)
+    x1, y1, x2, y2 = (np.array(box) * 32).round().astype(int)
+    mask = np.zeros((32, 32), bool)
+    mask[y1:y2, x1:x2] = True
+    grey = img.astype(float).mean(axis=2)
+    inside.append(grey[mask].mean() - grey[~mask].mean())
+  assert np.mean(inside) > 10
+
+
+def test_detection_records_schema_a(tmp_path):
+  summary = write_synthmat(tmp_path, image_size=32, per_subset=4, test_per_subset=2, subsets=[3, 44],
+                           progress=False)
+  assert summary["subsets"]["Subset--44"]["train"] == {"count": 4, "labels": {"thyroid nodule": 4}}
+  for split, n in (("train", 4), ("test", 2)):
+    records = _load(tmp_path, 44, split)
+    assert len(records) == n
+    for r in records:
+      assert list(r) == SCHEMA_A_KEYS and r["Question-choice"] == r["Question"]
+      assert r["Question"] in synth_spec.DET_TEMPLATES[44] and r["caption"] == "thyroid nodule"
+      assert r["Answer"] == r["Answer-choice"] == detection.format_box(detection.parse_box(r["Answer"]))
+      with Image.open(tmp_path / r["image"]) as im:
+        assert im.size == (32, 32)
+  # Detection subsets are written only when asked for; the flag adds all 13.
+  assert not (tmp_path / "Aggregated_Subsets" / "Subset--38-train.json").exists()
+  summary = write_synthmat(tmp_path / "all", image_size=16, per_subset=1, test_per_subset=1, subsets=[3],
+                           detection=True, progress=False)
+  assert sorted(summary["subsets"]) == [f"Subset--{s:02d}" for s in (3, *DET)]

@@ -176,3 +176,25 @@ def test_prompt_encoder_truncation_never_cuts_answer():
   # Options + answer alone do not fit: an error, not a cut answer.
   with pytest.raises(ValueError, match="exceed data.seq_len=40"):
     prompt_lib.PromptEncoder(tok, "plain", num_image_tokens=4, seq_len=40, truncation="question").encode(long_record)
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf"])
+def test_prompt_encoder_text_answers(kind, hf_path):
+  """answer_format="text": the loss covers the option's text (+ eos), the instruction asks for the text, and
+  the prompt is the letter format's prompt except for that instruction line."""
+  tok = ByteTokenizer() if kind == "byte" else HFTokenizer(hf_path, pad="<pad>")
+  text_enc = prompt_lib.PromptEncoder(tok, "plain", num_image_tokens=3, seq_len=400, answer_format="text")
+  letter_enc = prompt_lib.PromptEncoder(tok, "plain", num_image_tokens=3, seq_len=400)
+  for answer, option in zip("ABCD", RECORD["options"]):
+    rec = dict(RECORD, answer=answer)
+    out = text_enc.encode(rec)
+    n, p = int(out["attention_mask"].sum()), int(out["prompt_len"])
+    assert tok.decode(out["input_ids"][p:n - 1]).strip() == option and out["input_ids"][n - 1] == tok.eos_id
+    assert out["loss_mask"].sum() == n - p
+    prompt = tok.decode(out["input_ids"][:p])
+    assert prompt_lib.TEXT_INSTRUCTION in prompt and prompt_lib.CHOICE_INSTRUCTION not in prompt
+    letter_prompt = tok.decode(letter_enc.encode(rec, include_answer=False)["input_ids"][:p + 20])
+    assert prompt.replace(prompt_lib.TEXT_INSTRUCTION, prompt_lib.CHOICE_INSTRUCTION) in letter_prompt
+  assert prompt_lib.answer_text(RECORD, "text") == "Cyst" and prompt_lib.answer_text(RECORD) == "B"
+  with pytest.raises(ValueError, match="data.answer_format='word'"):
+    prompt_lib.PromptEncoder(tok, "plain", num_image_tokens=3, seq_len=400, answer_format="word")

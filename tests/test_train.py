@@ -73,22 +73,13 @@ def write_config_file(path, shards, overrides: dict) -> str:
   return str(path)
 
 
-def run_losses(workdir) -> dict[int, float]:
-  """step -> loss from batches.jsonl; a resumed run's later lines win."""
+def run_log(workdir, field: str) -> dict[int, object]:
+  """step -> `field` ("loss", "sample_ids") from batches.jsonl; a resumed run's later lines win."""
   out = {}
   with open(os.path.join(workdir, "batches.jsonl")) as f:
     for line in f:
       d = json.loads(line)
-      out[d["step"]] = d["loss"]
-  return out
-
-
-def run_batches(workdir) -> dict[int, list[str]]:
-  out = {}
-  with open(os.path.join(workdir, "batches.jsonl")) as f:
-    for line in f:
-      d = json.loads(line)
-      out[d["step"]] = d["sample_ids"]
+      out[d["step"]] = d[field]
   return out
 
 
@@ -122,7 +113,7 @@ def test_sharded_mesh_matches_single_device_and_shards_params(synth_shards, tmp_
   r8 = trainer.train(c8, str(tmp_path / "eight"))
   assert len(r1.losses) == len(r8.losses) == 3
   np.testing.assert_allclose(r8.losses, r1.losses, rtol=0, atol=1e-5)
-  assert run_batches(tmp_path / "one") == run_batches(tmp_path / "eight")
+  assert run_log(tmp_path / "one", "sample_ids") == run_log(tmp_path / "eight", "sample_ids")
 
   # The trained params really are sharded as the rules table says (logical names -> mesh axes).
   specs = r8.param_specs
@@ -150,8 +141,8 @@ def test_exact_resume_after_sigkill(synth_shards, tmp_path):
   assert ckpt3.exists(), "the run never reached step 3"
   subprocess.run(train_cmd(cfg_file, str(killed)), env=env(), check=True, capture_output=True, timeout=600)
 
-  assert run_losses(killed) == run_losses(straight)           # bitwise: floats compared exactly
-  assert run_batches(killed) == run_batches(straight)
+  assert run_log(killed, "loss") == run_log(straight, "loss")           # bitwise: floats compared exactly
+  assert run_log(killed, "sample_ids") == run_log(straight, "sample_ids")
   s1, p1 = final_params(straight)
   s2, p2 = final_params(killed)
   assert s1 == s2 == 6
@@ -172,7 +163,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(synth_shards, tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err.decode()[-3000:]
-  last = max(run_losses(wd))
+  last = max(run_log(wd, "loss"))
   step, _ = final_params(wd)
   assert step == last and 3 <= step < 10_000
 
@@ -207,7 +198,7 @@ def test_two_processes_match_one(synth_shards, tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err.decode()[-3000:]
   # Process 0 logs the global loss of every step.
-  a, b = run_losses(one), run_losses(two)
+  a, b = run_log(one, "loss"), run_log(two, "loss")
   assert sorted(a) == sorted(b) == [1, 2, 3]
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5)
 

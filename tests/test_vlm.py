@@ -74,6 +74,35 @@ def test_batch_of_different_lengths_equals_rows_alone(tiny, rng):
     np.testing.assert_allclose(batched[row, :real], alone[0], atol=2e-4, rtol=1e-4)
 
 
+def test_score_options_runs_the_vision_tower_once_per_example(tiny, rng, monkeypatch):
+  """Option scoring equals the full forward on prompt + option, with the image encoded for B rows, not B * O."""
+  cfg, model = tiny
+  n = model.num_image_tokens
+  images = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
+  ids, mask = _batch(rng, [(2, 4), (5, 1)], n, 30)
+  options = jnp.asarray(rng.integers(32, 127, (2, 3, 4)), jnp.int32)
+  option_mask = jnp.asarray([[[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], [[1, 1, 1, 0], [0] * 4, [1, 1, 1, 1]]],
+                            jnp.int32)
+  seen = []
+  real_features = vlm_lib.VLM.image_features
+  monkeypatch.setattr(vlm_lib.VLM, "image_features", lambda self, x, t=None: seen.append(x.shape[0])
+                      or real_features(self, x, t))
+  total, mean = vlm_lib.score_options(model, images, ids, mask, options, option_mask)
+  assert seen == [2], f"the vision tower saw batches of {seen}"
+  for b in range(2):
+    real = int(mask[b].sum())
+    for o in range(3):
+      opt = np.asarray(options[b, o])[np.asarray(option_mask[b, o]) == 1]
+      if not opt.size:
+        assert float(total[b, o]) == 0.0
+        continue
+      full = jnp.asarray(np.concatenate([np.asarray(ids[b, :real]), opt])[None], jnp.int32)
+      logp = jax.nn.log_softmax(model(images[b:b + 1], full, jnp.ones_like(full))[0], -1)
+      expected = sum(float(logp[real - 1 + j, t]) for j, t in enumerate(opt))
+      np.testing.assert_allclose(float(total[b, o]), expected, atol=2e-4, rtol=1e-4)
+      np.testing.assert_allclose(float(mean[b, o]), expected / len(opt), atol=2e-4, rtol=1e-4)
+
+
 def test_placeholder_count_is_checked(tiny, rng):
   _, model = tiny
   images = jnp.zeros((1, 32, 32, 3))

@@ -1,6 +1,6 @@
 """Command line for Med-MAT data: `python -m medcg.data {synth,convert,inspect} ...`.
 
-  python -m medcg.data synth --out /data/synthmat --image-size 64 --per-subset 200
+  python -m medcg.data synth --out /data/synthmat --image-size 64 --per-subset 200 [--detection]
   python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image-size 64
   python -m medcg.data inspect /data/medmat_shards [--json]
   python -m medcg.data tokenizer /data/medmat_shards --vocab-size 512   (BPE for from-scratch models)
@@ -115,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="test samples per subset (rounded down to a multiple of the label count)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--subsets", type=_subset_list, default=None, help="comma-separated ids (default: 1-37)")
+  p.add_argument("--subsets", type=_subset_list, default=None,
+                 help="comma-separated ids (default: 1-37); detection ids 38-50 are allowed")
+  p.add_argument("--detection", action="store_true",
+                 help="also write the detection subsets 38-50 (one object per image, its box as the answer)")
 
   p = sub.add_parser("convert", help="convert a Med-MAT root into TFDS shards + manifest.json")
   p.add_argument("--src", required=True, help="Med-MAT root (real release or SynthMAT)")
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medcg.data import synthetic  # the SynthMAT generator
     synthetic.write_synthmat(args.out, image_size=args.image_size, per_subset=args.per_subset,
                              test_per_subset=args.test_per_subset, seed=args.seed, subsets=args.subsets,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, detection=args.detection)
     print(f"wrote SynthMAT to {args.out}")
   elif args.command == "convert":
     from medcg.data import tfds_builder  # imports tfds (and TensorFlow when writing TFRecord)

@@ -11,10 +11,16 @@ The release has two schemas (see ../shared/reference/medmat.md §1):
   `choices` ({letter: text}) and `caption`, with no answer letter: the letter is the one option whose
   text equals the caption.
 
-Every sample is checked (answer letter among the options, caption equals the answer's text, image
-present and readable). Every error names the file, the record index and the field. By default the
-first bad record raises `MedMatError`; with `on_error="skip"` bad records are collected as
-`Skipped` entries (the converter writes them into the manifest) and the rest are returned.
+Detection subsets (38-50; SynthMAT writes them, the release does not) use schema A without options:
+`Question-choice` is the question itself (no "A: ..." lines; it carries its own box instruction) and
+`Answer-choice` is the object's box as text, "[x1, y1, x2, y2]" normalised 0-1 (`detection.format_box`);
+`caption` names the object. Segmentation subsets (51-53) have no question-answer form and are refused.
+
+Every sample is checked (classification: answer letter among the options, caption equals the answer's
+text; detection: no options and exactly one well-formed box; image present and readable). Every
+error names the file, the record index and the field. By default the first bad record raises
+`MedMatError`; with `on_error="skip"` bad records are collected as `Skipped` entries (the converter
+writes them into the manifest) and the rest are returned.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from typing import Any, Iterable, Literal
 from PIL import Image
 
 from medcg import mat
+from medcg.eval import detection
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("train", "test")
@@ -62,15 +69,15 @@ class MedMatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """One Med-MAT multiple-choice sample, schema-independent."""
+  """One Med-MAT sample (multiple choice, or a detection box question), schema-independent."""
   sample_id: str
   subset: int
   split: str
   triplet: tuple[str, str, str]   # (modality, area, coarse CG task) from medcg.mat
   question: str                   # the instruction, without the options
-  options: dict[str, str]         # letter -> option text, letters A.. in order, 2 to 4 of them
-  answer: str                     # the correct letter
-  caption: str                    # ground-truth text; multi-label answers stay comma-joined
+  options: dict[str, str]         # letter -> option text, letters A.. in order, 2 to 4 (detection: none)
+  answer: str                     # the correct letter (detection: the box text "[x1, y1, x2, y2]")
+  caption: str                    # ground-truth text; multi-label answers stay comma-joined (detection: the object)
   image_path: str                 # absolute path of the image file
   data_no: str                    # source dataset number(s)
   source: str                     # the JSON file it came from
@@ -226,6 +233,21 @@ def check_image(path: Path, file: Path, index: int) -> None:
     raise MedMatError(file, f"unreadable image {path}: {e}", index, "image") from e
 
 
+def _detection_fields(path: Path, index: int, rec: dict) -> tuple[str, dict[str, str], str]:
+  """(question, no options, canonical box text) of a detection record; errors name the field."""
+  question = _text(path, index, rec, "Question")
+  choice = _text(path, index, rec, "Question-choice")
+  if any(_OPTION_RE.match(line) for line in choice.split("\n")):
+    raise MedMatError(path, "a detection question has no options, found option lines ('A: ...')", index,
+                      "Question-choice")
+  answer = _text(path, index, rec, "Answer-choice")
+  boxes = detection.parse_boxes(answer)
+  if len(boxes) != 1:
+    raise MedMatError(path, f"expected exactly one box '[x1, y1, x2, y2]' (0-1, x1 < x2, y1 < y2), found "
+                      f"{len(boxes)} in {answer!r}", index, "Answer-choice")
+  return choice, {}, detection.format_box(boxes[0])
+
+
 def _subset_of(sf: SourceFile, override: int | None) -> int:
   if override is not None:
     return mat.get(override).id
@@ -249,7 +271,19 @@ def _record(sf: SourceFile, root: Path, index: int, rec: Any, subset: int, check
   caption = _text(path, index, rec, "caption")
   image = _text(path, index, rec, "image")
   raw_id = rec["id"]
-  if sf.schema == "A":
+  status = mat.get(subset).status
+  if status == "seg":
+    raise MedMatError(path, f"subset {subset:02d} is a segmentation subset; medcg reads classification (01-37) "
+                      "and detection (38-50) subsets only", index)
+  if status == "det":
+    if sf.schema != "A":
+      raise MedMatError(path, f"detection subset {subset:02d} needs schema A (Question-choice / Answer-choice)",
+                        index)
+    question, options, answer = _detection_fields(path, index, rec)
+    data_no = _text(path, index, rec, "data-no")
+    stem = Path(sf.path).stem
+    sample_id = f"{stem}-{int(raw_id):06d}" if str(raw_id).isdigit() else f"{stem}-{raw_id}"
+  elif sf.schema == "A":
     question = _text(path, index, rec, "Question")
     options = parse_question_choice(path, index, _text(path, index, rec, "Question-choice"))
     answer = _text(path, index, rec, "Answer-choice")

@@ -24,6 +24,7 @@ The `data` config section (`default_data_config()` gives all fields with default
   seq_len           L, fixed sequence length (right padding)
   num_image_tokens  image placeholder tokens in the prompt (the vision tower's token count)
   chat_template     "llava_v1" | "plain" (medcg.data.prompt.TEMPLATES)
+  answer_format     "letter" (Med-MAT's: " B") | "text" (the option's text: " COVID-19"; see prompt.answer_text)
   truncation        "error" | "question" (see medcg.data.prompt.PromptEncoder)
   batch_size        per-host batch size
   num_epochs        None repeats forever (training)
@@ -78,6 +79,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.seq_len = 256
   cfg.num_image_tokens = 576
   cfg.chat_template = "llava_v1"
+  cfg.answer_format = "letter"
   cfg.truncation = "error"
   cfg.batch_size = 8
   cfg.num_epochs = ml_collections.config_dict.placeholder(int)
@@ -311,7 +313,7 @@ class Preprocess(grain.transforms.Map):
     return {
         "image": decode_image(record["image"], self.image_size, where),  # normalised per batch
         **tokens,
-        "answer_idx": np.int32(features.answer_index(record)),
+        "answer_idx": np.int32(features.answer_index(record)),  # -1 / 0 options: a detection row
         "num_options": np.int32(len(record["options"])),
         "subset": np.int32(record["subset"]),
         "valid": np.bool_(valid),
@@ -364,7 +366,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def make_encoder(data_cfg, tokenizer: Tokenizer) -> PromptEncoder:
   return PromptEncoder(tokenizer, data_cfg.chat_template, num_image_tokens=data_cfg.num_image_tokens,
-                       seq_len=data_cfg.seq_len, truncation=data_cfg.truncation)
+                       seq_len=data_cfg.seq_len, truncation=data_cfg.truncation,
+                       answer_format=data_cfg.get("answer_format", "letter"))
 
 
 def make_clip_encoder(data_cfg) -> ClipTextEncoder | None:

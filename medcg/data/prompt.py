@@ -21,6 +21,9 @@ from medcg.data.tokenizer import Tokenizer
 IMAGE_PLACEHOLDER = "<image>"
 QUESTION_FIELD = "{question}"
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# `answer_format="text"`: the answer is the option's text (" COVID-19") instead of its letter (" B").
+TEXT_INSTRUCTION = "Answer with the option's text from the given choices directly."
+ANSWER_FORMATS = ("letter", "text")
 LETTERS = "ABCD"
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -61,12 +64,29 @@ def get_template(template: str | ChatTemplate) -> ChatTemplate:
   return TEMPLATES[template]
 
 
-def question_choice(question: str, options: Sequence[str]) -> str:
-  """The Med-MAT `Question-choice` text: question, lettered options, the answer instruction."""
+def question_choice(question: str, options: Sequence[str], answer_format: str = "letter") -> str:
+  """The Med-MAT `Question-choice` text: question, lettered options, the answer instruction.
+
+  A detection record has no options: its question (which asks for the box) is the whole text.
+  """
+  if not options:
+    return question
   if not 2 <= len(options) <= len(LETTERS):
     raise ValueError(f"expected 2-4 options, got {len(options)}: {list(options)!r}")
   lines = [question] + [f"{letter}: {text}" for letter, text in zip(LETTERS, options)]
-  return "\n".join(lines + [CHOICE_INSTRUCTION])
+  return "\n".join(lines + [TEXT_INSTRUCTION if answer_format == "text" else CHOICE_INSTRUCTION])
+
+
+def answer_text(record: Mapping[str, Any], answer_format: str = "letter") -> str:
+  """What the model is trained to say: the answer letter, or the text of the option it names.
+
+  A detection record (no options) answers with its box text either way.
+  """
+  if answer_format not in ANSWER_FORMATS:
+    raise ValueError(f"data.answer_format={answer_format!r}: expected one of {ANSWER_FORMATS}")
+  if answer_format == "letter" or not record["options"]:
+    return record["answer"]
+  return record["options"][LETTERS.index(record["answer"])].strip()
 
 
 def format_record(record: Mapping[str, Any], template: str | ChatTemplate = "llava_v1") -> tuple[str, str]:
@@ -81,10 +101,14 @@ class PromptEncoder:
 
   truncation: "error" (default) raises when a sequence does not fit `seq_len`; "question" shortens
   the free-text instruction from its end, never the options, the image tokens or the answer.
+  answer_format: "letter" (Med-MAT's, default) or "text" (the option's text; see `answer_text`).
   """
 
   def __init__(self, tokenizer: Tokenizer, template: str | ChatTemplate, *, num_image_tokens: int,
-               seq_len: int, truncation: str = "error"):
+               seq_len: int, truncation: str = "error", answer_format: str = "letter"):
+    if answer_format not in ANSWER_FORMATS:
+      raise ValueError(f"data.answer_format={answer_format!r}: expected one of {ANSWER_FORMATS}")
+    self.answer_format = answer_format
     if truncation not in ("error", "question"):
       raise ValueError(f"data.truncation={truncation!r}: expected 'error' or 'question'")
     if num_image_tokens < 1:
@@ -102,7 +126,7 @@ class PromptEncoder:
 
   def _tail_ids(self, question: str, options: Sequence[str], answer: str | None):
     """Ids of the prompt after the image and of the answer (None when not asked for)."""
-    tail = self._after_image + question_choice(question, options) + self._after_question
+    tail = self._after_image + question_choice(question, options, self.answer_format) + self._after_question
     prompt_ids = self.tokenizer.encode(tail)
     if answer is None:
       return prompt_ids, None
@@ -130,7 +154,7 @@ class PromptEncoder:
 
   def encode(self, record: Mapping[str, Any], include_answer: bool = True) -> dict[str, np.ndarray]:
     """input_ids, attention_mask (int32, L), loss_mask (float32, L) and prompt_len (int32 scalar)."""
-    answer = record["answer"] if include_answer else None
+    answer = answer_text(record, self.answer_format) if include_answer else None
     prompt_ids, answer_ids = self._tail_ids(record["question"], record["options"], answer)
     total = len(self._head) + len(prompt_ids) + len(answer_ids or ())
     if total > self.seq_len:

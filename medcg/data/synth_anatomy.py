@@ -164,7 +164,9 @@ def skin(rng, g) -> Layout:
     ang = rng.uniform(0, np.pi)
     pts = p0 + np.outer(np.linspace(-0.8, 0.8, 5), [np.cos(ang), np.sin(ang)]) + rng.normal(0, 0.04, (5, 2))
     c.paint(DENSE, 0.8 * shp.polyline(g, pts, 0.006 + 0.3 * g.px))
-  return Layout(c, {"skin": shp.ellipse(g, 0, 0, 0.3, 0.3)}, "skin", 0.3)
+  # "field": where a detection subset's lesion may sit (most of the view), so its box moves around.
+  return Layout(c, {"skin": shp.ellipse(g, 0, 0, 0.3, 0.3), "field": shp.ellipse(g, 0, 0, 0.62, 0.62)},
+                "skin", 0.3)
 
 
 def mouth(rng, g) -> Layout:
@@ -277,6 +279,40 @@ def cervix(rng, g) -> Layout:
   return Layout(c, {"cervix": body * (1 - shp.ellipse(g, cx, cy, 0.2, 0.1))}, "cervix", 0.12)
 
 
+def thyroid(rng, g) -> Layout:
+  """An axial neck slice: the trachea (air) in the middle, a thyroid lobe either side, carotids lateral."""
+  c = Canvas(g)
+  dx, dy = _j(rng, 0.05), _j(rng, 0.05)
+  c.paint(SOFT, shp.ellipse(g, dx, dy + 0.1, 0.95, 0.8, soft=3))
+  lobes = np.zeros_like(g.u)
+  for side in (-1, 1):
+    lobe = shp.ellipse(g, dx + side * (0.34 + _j(rng, 0.03)), dy, 0.26 + _j(rng, 0.02), 0.36, angle=side * 0.3)
+    lobes = np.maximum(lobes, lobe)
+    c.paint(BLOOD, shp.ellipse(g, dx + side * 0.72, dy + 0.05, 0.09, 0.09))          # carotid artery
+  lobes = np.maximum(lobes, shp.box(g, dx, dy - 0.22, 0.2, 0.07))                    # isthmus
+  c.paint(ORGAN, lobes)
+  trachea = shp.ellipse(g, dx, dy - 0.02, 0.16, 0.15)
+  c.paint(DENSE, trachea)
+  c.paint(BACKGROUND, shp.ellipse(g, dx, dy - 0.02, 0.12, 0.11))
+  c.paint(DENSE, shp.ellipse(g, dx, dy + 0.62, 0.16, 0.12))                          # vertebral body
+  return Layout(c, {"lobes": lobes * (1 - trachea)}, "lobes", 0.1)
+
+
+def liver(rng, g) -> Layout:
+  """An axial upper-abdomen slice: the liver fills the patient's right (image left), spine and aorta behind."""
+  c = Canvas(g)
+  dy = _j(rng, 0.05)
+  c.paint(SOFT, shp.ellipse(g, 0.0, dy + 0.05, 0.95, 0.76))
+  lx = -0.28 + _j(rng, 0.04)
+  liver_mask = shp.polar(g, lx, dy - 0.02, lambda t, p=rng.uniform(0, 6.3): 0.52 * (1 + 0.12 * np.cos(2 * t + p)))
+  c.paint(ORGAN, liver_mask)
+  c.paint(FLUID, shp.ellipse(g, 0.45, dy - 0.15, 0.2, 0.16))                         # stomach
+  c.paint(DENSE, shp.ellipse(g, 0.0, dy + 0.55, 0.13, 0.11))                         # vertebra
+  c.paint(BLOOD, shp.ellipse(g, 0.1, dy + 0.35, 0.06, 0.06))                         # aorta
+  # Lesions sit inside the parenchyma, away from its edge.
+  return Layout(c, {"liver": liver_mask * shp.ellipse(g, lx, dy - 0.02, 0.4, 0.4)}, "liver", 0.1)
+
+
 def outlier(rng, g) -> Layout:
   """Not an image of the area at all (wrong view, artefact): random tissue patches."""
   c = Canvas(g)
@@ -292,4 +328,6 @@ AREAS: dict[str, Callable[[np.random.Generator, shp.Grid], Layout]] = {
     "Lung": lung, "Chest": chest, "Brain": brain, "Kidney": kidney, "Bones": bones, "Breast": breast,
     "Skin": skin, "Mouth": mouth, "Intestine": intestine, "Bladder": bladder, "Fundus": fundus,
     "Cell": cell, "Retina": retina, "Cervix": cervix,
+    # Only detection subsets image these two areas (44 US-Thyroid, 46 MRI-Liver).
+    "Thyroid": thyroid, "Liver": liver,
 }

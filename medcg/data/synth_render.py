@@ -6,6 +6,7 @@ construction:
   task     -> `synth_spec.SPECS[subset][label]`: which findings (shape, tissue, size, count) are present;
   modality -> `MODALITIES[modality]`: what each tissue looks like (palette), blur, noise model, field of
               view, colour. A finding is just tissue, so its look follows the modality automatically.
+Detection subsets (`render_detection`) paint one object the same way and also return its tight box.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from medcg import mat
 from medcg.data import synth_anatomy as anat
 from medcg.data import synth_shapes as shp
-from medcg.data.synth_spec import ORGAN, QUALITY, SPECS, Finding
+from medcg.data.synth_spec import DET_SPECS, ORGAN, QUALITY, SPECS, Finding
 
 # ---------------------------------------------------------------------------------------------------
 # Findings: a shape kind drawn at a site, with radius r (normalised units).
@@ -317,12 +318,77 @@ def _degrade(img, rng, g):
   return _gauss(rng, img, 0.08)
 
 
+def _form(subset, canvas, rng, g, quality=None) -> np.ndarray:
+  """Tissue weights -> the modality's image, as uint8 (S, S, 3)."""
+  modality = MODALITIES[subset.modality]
+  palette = np.asarray(modality.palette, np.float32)                                 # (7, 3)
+  if (palette == palette[:, :1]).all():
+    palette = palette[:, :1]                        # grey modality: form one channel, copy it at the end
+  img = np.einsum("chw,ck->hwk", canvas.w, palette)
+  img = modality.form(img, rng, g)
+  if quality == "Bad":
+    img = _degrade(img, rng, g)
+  img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def tight_box(alpha: np.ndarray) -> tuple[float, float, float, float] | None:
+  """The box (x1, y1, x2, y2), normalised 0-1, around the pixels where `alpha` > 0.5 (None if there are none).
+
+  Pixel edges, not centres: a mask covering columns 3..5 of 32 gives x1 = 3/32 and x2 = 6/32.
+  """
+  rows, cols = np.nonzero(alpha > 0.5)
+  if rows.size == 0:
+    return None
+  h, w = alpha.shape
+  return (cols.min() / w, rows.min() / h, (cols.max() + 1) / w, (rows.max() + 1) / h)
+
+
+_MAX_TRIES = 8
+
+
+def _object_mask(rng, g, layout, f: Finding) -> np.ndarray:
+  """The alpha mask of one detection object: on a cell (cell areas) or at a site of its region."""
+  draw = FINDING_KINDS[f.kind]
+  if layout.cells is not None and f.region is None:
+    x, y, rc = layout.cells[int(rng.integers(len(layout.cells)))]
+    return f.strength * draw(g, rng, x, y, f.size * rc)
+  (x, y), = _sites(rng, g, layout, f.region, 1)
+  return f.strength * draw(g, rng, x, y, f.size * layout.scale * rng.uniform(0.85, 1.15))
+
+
+def render_detection(subset_id: int, rng: np.random.Generator, image_size: int
+                     ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+  """One SynthMAT detection image (uint8 (S, S, 3)) and the tight 0-1 box of its single object.
+
+  The box is the extent of the object's painted mask (alpha > 0.5), before image formation blurs it,
+  so it is what an annotator outlining the object would draw.
+  """
+  s = mat.get(subset_id)
+  spec = DET_SPECS.get(s.id)
+  if spec is None:
+    raise KeyError(f"SynthMAT has no detection subset {s.id:02d} (detection subsets are 38-50)")
+  g = shp.grid(image_size)
+  layout = anat.AREAS[s.area](rng, g)
+  if layout.cells is not None:
+    _paint_nuclei(layout.canvas, rng, g, layout, [()])
+  for _ in range(_MAX_TRIES):  # a site at the very edge can leave too little of the object in view
+    alpha = _object_mask(rng, g, layout, spec.finding)
+    box = tight_box(alpha)
+    if box is not None:
+      break
+  else:
+    raise RuntimeError(f"subset {s.id:02d}: no visible object after {_MAX_TRIES} draws at {image_size} px")
+  layout.canvas.paint(spec.finding.tissue, alpha)
+  return _form(s, layout.canvas, rng, g), box
+
+
 def render(subset_id: int, label: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
   """One SynthMAT image of `label` for a classification subset, as uint8 (S, S, 3)."""
   s = mat.get(subset_id)
   spec = SPECS.get(s.id)
   if spec is None:
-    raise KeyError(f"SynthMAT has no classification subset {s.id:02d} (detection subsets are not rendered)")
+    raise KeyError(f"SynthMAT has no classification subset {s.id:02d} (detection subsets: render_detection)")
   if label not in spec:
     raise KeyError(f"subset {s.id:02d} has no label {label!r}; labels are {list(spec)}")
   g = shp.grid(image_size)
@@ -330,14 +396,5 @@ def render(subset_id: int, label: str, rng: np.random.Generator, image_size: int
   layout = (anat.outlier if quality == "Outlier" else anat.AREAS[s.area])(rng, g)
   components = [spec[c] for c in label.split(", ")] if ", " in label else [spec[label]]
   _paint_findings(layout.canvas, rng, g, layout, spec[label], components)
-  modality = MODALITIES[s.modality]
-  palette = np.asarray(modality.palette, np.float32)                                 # (7, 3)
-  if (palette == palette[:, :1]).all():
-    palette = palette[:, :1]                        # grey modality: form one channel, copy it at the end
-  img = np.einsum("chw,ck->hwk", layout.canvas.w, palette)
-  img = modality.form(img, rng, g)
-  if quality == "Bad":
-    img = _degrade(img, rng, g)
-  img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-  return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+  return _form(s, layout.canvas, rng, g, quality)
 

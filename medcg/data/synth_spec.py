@@ -1,4 +1,4 @@
-"""SynthMAT label sets, finding specs and question templates for the 37 classification subsets.
+"""SynthMAT label sets, finding specs and question templates: 37 classification and 13 detection subsets.
 
 Each label maps to the findings that make it true. A finding names only a *shape kind* (round,
 spiculated, diffuse, ...), a *tissue* class and where in the area it sits; how that tissue looks is the
@@ -6,6 +6,10 @@ modality's business (`synth_render`) and where the region is is the area's. So o
 one visual concept everywhere: "Malignant" is a spiculated lesion in a CT lung, a breast ultrasound or
 a cytology smear, and "Level k" is k-fold more of the area's finding. Label words are shared by subsets
 that share a task, so answers can transfer between compositions.
+
+Detection subsets (38-50, `DET_SPECS`) draw one object per image: the area's layout plus one finding
+made of the same shape kinds and tissues, so a polyp to box looks like the "Polyp" of classification
+subset 13 and a skin lesion like a lesion of subsets 07-08. The answer is the object's tight box.
 """
 from __future__ import annotations
 
@@ -169,7 +173,7 @@ _IMAGE_NOUN = {
 _AREA_ADJ = {
     "Cervix": "cervical", "Kidney": "kidney", "Lung": "lung", "Brain": "brain", "Skin": "skin", "Mouth": "oral",
     "Intestine": "intestinal", "Bladder": "bladder", "Fundus": "fundus", "Cell": "cell", "Retina": "retinal",
-    "Breast": "breast", "Bones": "bone", "Chest": "chest",
+    "Breast": "breast", "Bones": "bone", "Chest": "chest", "Thyroid": "thyroid", "Liver": "liver",
 }
 _SUBJECT = {
     1: "image quality", 2: "kidney condition", 3: "COVID-19 status", 4: "type of lung lesion",
@@ -261,3 +265,67 @@ def check_specs() -> None:
       raise ValueError(f"subset {sid:02d}: needs 6 distinct templates")
     if mat.get(sid).multi_label != any(", " in lab for lab in labels):
       raise ValueError(f"subset {sid:02d}: multi-label captions must appear exactly in multi-label subsets")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Detection subsets 38-50: one object per image, answered with its box.
+
+
+@dataclasses.dataclass(frozen=True)
+class DetSpec:
+  """The object of a detection subset: its name (the record's caption) and the finding that draws it.
+
+  `finding.region` names where in the area it may sit; regions spanning most of the area give boxes
+  at varied positions (the paper picked 38 and 39 as targets because their objects move around).
+  """
+  name: str
+  finding: Finding
+
+
+DET_SPECS: dict[int, DetSpec] = {
+    38: DetSpec("skin lesion", F("spiculated", LESION, 1.0, region="field")),
+    39: DetSpec("polyp", F("round", LESION, 1.8)),
+    40: DetSpec("surgical instrument", F("bar", DENSE, 1.5)),
+    41: DetSpec("bleeding lesion", F("patchy", BLOOD, 1.8)),
+    42: DetSpec("cancer cell", F("spiculated", LESION, 0.9)),
+    43: DetSpec("tumor", F("round", LESION, 1.8)),
+    44: DetSpec("thyroid nodule", F("round", FLUID, 1.6)),
+    45: DetSpec("lesion", F("round", LESION, 1.8)),
+    46: DetSpec("liver lesion", F("round", LESION, 1.8)),
+    47: DetSpec("lung opacity", F("patchy", LESION, 1.8)),
+    48: DetSpec("pneumothorax", F("round", FLUID, 1.6, region="upper")),
+    49: DetSpec("spinal anomaly", F("spiculated", LESION, 1.3, region="bone")),
+    50: DetSpec("nodule", F("round", LESION, 1.4)),
+}
+DET_LABELS: dict[int, tuple[str, ...]] = {sid: (spec.name,) for sid, spec in DET_SPECS.items()}
+BOX_FORMAT = "[x1, y1, x2, y2]"
+_DET_PATTERNS = (
+    "Locate the {object} in this {img}. Give its bounding box as " + BOX_FORMAT
+    + " with coordinates normalised to 0-1.",
+    "Where is the {object} in this {img}? Answer with its bounding box " + BOX_FORMAT + ", normalised to 0-1.",
+    "Detect the {object} in the {img} and output its bounding box in the form " + BOX_FORMAT + " (0-1).",
+    "Please draw a bounding box around the {object} in this {img}; reply with " + BOX_FORMAT
+    + " using 0-1 coordinates.",
+    "Find the {object} shown in this {img} and return its location as " + BOX_FORMAT + ", each value in 0-1.",
+    "As a radiologist reading this {img}, mark the {object} with a bounding box " + BOX_FORMAT
+    + " in normalised 0-1 coordinates.",
+)
+
+
+def _det_templates(sid: int) -> tuple[str, ...]:
+  s = mat.get(sid)
+  img = f"{_AREA_ADJ[s.area]} {_IMAGE_NOUN[s.modality]}"
+  return tuple(p.format(object=DET_SPECS[sid].name, img=img) for p in _DET_PATTERNS)
+
+
+DET_TEMPLATES: dict[int, tuple[str, ...]] = {sid: _det_templates(sid) for sid in DET_SPECS}
+
+
+def check_det_specs() -> None:
+  """Raises ValueError if the detection tables disagree with the registry (run by the tests)."""
+  detection = set(mat.DETECTION_SUBSETS)
+  if set(DET_SPECS) != detection:
+    raise ValueError(f"SynthMAT detection specs cover {sorted(DET_SPECS)}, registry has {sorted(detection)}")
+  for sid, templates in DET_TEMPLATES.items():
+    if len(set(templates)) != 6 or not all(BOX_FORMAT in t for t in templates):
+      raise ValueError(f"subset {sid:02d}: needs 6 distinct templates asking for {BOX_FORMAT}")

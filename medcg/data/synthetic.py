@@ -1,12 +1,17 @@
 """SynthMAT: a synthetic Med-MAT written in the release's own layout and schema A.
 
 Real Med-MAT images come from ~100 sources that cannot be fetched here, so tests and the default demo
-use SynthMAT. `write_synthmat` writes, for every classification subset 01-37,
+use SynthMAT. `write_synthmat` writes, for every classification subset 01-37 (and for the detection
+subsets 38-50 when asked: `subsets=` naming them, or `detection=True`),
   Aggregated_Subsets/Subset--NN-train.json and Subset--NN-test.json   (schema A, reference/medmat.md §1.2)
   med-mat/SynthMAT/Subset--NN/<split>/<id:06d>.png
 so the reader, converter and pipeline exercise exactly the code real data goes through. Images are
 compositional by construction (see `synth_render`): modality -> image formation, area -> anatomy and
 finding sites, task -> what the label changes.
+
+A detection record has no options: `Question-choice` is the question itself (it asks for the box as
+"[x1, y1, x2, y2]"), `Answer-choice` and `Answer` are the object's tight box (`detection.format_box`,
+0-1 normalised) and `caption` names the object ("polyp"), so label histograms stay meaningful.
 
 Every sample draws from its own generator seeded by (seed, subset, split, index), so a subset can be
 generated alone or in parallel and gives byte-identical JSON and PNGs for the same seed.
@@ -27,10 +32,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medcg import mat
-from medcg.data.synth_render import render
-from medcg.data.synth_spec import LABELS, TEMPLATES
+from medcg.data.synth_render import render, render_detection
+from medcg.data.synth_spec import DET_LABELS, DET_TEMPLATES, LABELS, TEMPLATES
+from medcg.eval import detection
 
-__all__ = ["LABELS", "TEMPLATES", "render", "write_synthmat", "samples", "split_labels", "SPLITS"]
+__all__ = ["LABELS", "TEMPLATES", "DET_LABELS", "DET_TEMPLATES", "render", "render_detection", "write_synthmat",
+           "samples", "split_labels", "SPLITS"]
 
 SPLITS = ("train", "test")
 _SPLIT_CODE = {"train": 0, "test": 1}
@@ -39,14 +46,18 @@ LETTERS = "ABCD"
 DATASET_DIR = "med-mat/SynthMAT"
 
 
-def _subset_ids(subsets: Iterable[int | str] | None) -> list[int]:
+def _labels(subset_id: int) -> tuple[str, ...]:
+  return LABELS[subset_id] if subset_id in LABELS else DET_LABELS[subset_id]
+
+
+def _subset_ids(subsets: Iterable[int | str] | None, detection_too: bool = False) -> list[int]:
   if subsets is None:
-    return sorted(LABELS)
-  out = []
+    return sorted(LABELS) + (sorted(DET_LABELS) if detection_too else [])
+  out = [] if not detection_too else sorted(DET_LABELS)
   for s in subsets:
     sid = mat.get(s).id
-    if sid not in LABELS:
-      raise ValueError(f"SynthMAT only generates classification subsets 01-37, got {s!r}")
+    if sid not in LABELS and sid not in DET_LABELS:
+      raise ValueError(f"SynthMAT generates classification subsets 01-37 and detection subsets 38-50, got {s!r}")
     out.append(sid)
   return sorted(set(out))
 
@@ -57,7 +68,7 @@ def split_labels(subset_id: int, split: str, count: int, seed: int) -> list[str]
   `count` is rounded down to a multiple of the label count for the test split (strictly balanced,
   as the paper's test sets are) and kept as is for train (balanced up to one sample per label).
   """
-  labels = LABELS[subset_id]
+  labels = _labels(subset_id)
   if split == "test":
     count = count // len(labels) * len(labels)
   rng = np.random.default_rng([seed, subset_id, _SPLIT_CODE[split]])
@@ -91,6 +102,23 @@ def make_record(subset_id: int, split: str, index: int, label: str, rng: np.rand
   }
 
 
+def make_detection_record(subset_id: int, split: str, index: int, box, rng: np.random.Generator) -> dict:
+  """The schema-A record of detection sample `index` (1-based): a box question, no options, the box text."""
+  s = mat.get(subset_id)
+  question = DET_TEMPLATES[subset_id][int(rng.integers(len(DET_TEMPLATES[subset_id])))]
+  answer = detection.format_box(box)
+  return {
+      "id": index,
+      "caption": DET_LABELS[subset_id][0],
+      "image": f"{DATASET_DIR}/{s.name}/{split}/{index:06d}.png",
+      "Question": question,
+      "Answer": answer,
+      "Question-choice": question,
+      "Answer-choice": answer,
+      "data-no": str(s.sources[int(rng.integers(len(s.sources)))]),
+  }
+
+
 def samples(subset_id: int, split: str, count: int, *, seed: int = 0, image_size: int = 64
             ) -> Iterator[tuple[dict, np.ndarray]]:
   """Yields (schema-A record, uint8 image) for one subset and split, in id order."""
@@ -98,6 +126,10 @@ def samples(subset_id: int, split: str, count: int, *, seed: int = 0, image_size
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   for i, label in enumerate(split_labels(subset_id, split, count, seed)):
     rng = np.random.default_rng([seed, subset_id, _SPLIT_CODE[split], i])
+    if subset_id in DET_LABELS:  # the box comes from the drawing, so draw first
+      image, box = render_detection(subset_id, rng, image_size)
+      yield make_detection_record(subset_id, split, i + 1, box, rng), image
+      continue
     record = make_record(subset_id, split, i + 1, label, rng)
     yield record, render(subset_id, label, rng, image_size)
 
@@ -139,7 +171,7 @@ def _write_subset(root: Path, sid: int, counts: dict[str, int], seed: int, image
     text = json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     _atomic_write(root / "Aggregated_Subsets" / f"{name}-{split}.json", text.encode("utf-8"))
     _remove_stale(image_dir, {Path(r["image"]).name for r in records})
-    hist = {lab: 0 for lab in LABELS[sid]}
+    hist = {lab: 0 for lab in _labels(sid)}
     for r in records:
       hist[r["caption"]] += 1
     per_split[split] = {"count": len(records), "labels": hist}
@@ -148,7 +180,7 @@ def _write_subset(root: Path, sid: int, counts: dict[str, int], seed: int, image
 
 def write_synthmat(out_dir: str | os.PathLike, *, image_size: int = 64, per_subset: int = 300,
                    test_per_subset: int = 60, seed: int = 0, subsets: Iterable[int | str] | None = None,
-                   progress: bool = True, workers: int = 1) -> dict:
+                   progress: bool = True, workers: int = 1, detection: bool = False) -> dict:
   """Writes SynthMAT in the Med-MAT release layout and returns a summary.
 
   Args:
@@ -158,9 +190,10 @@ def write_synthmat(out_dir: str | os.PathLike, *, image_size: int = 64, per_subs
     test_per_subset: test samples per subset, rounded down to a multiple of the label count so the
       test split is strictly label-balanced (at least one per label when > 0).
     seed: same seed -> byte-identical JSON and PNGs (non-negative).
-    subsets: subset ids (default: all classification subsets 01-37).
+    subsets: subset ids (default: all classification subsets 01-37); detection ids 38-50 are allowed.
     progress: show a tqdm bar.
     workers: processes generating subsets in parallel; the output does not depend on it.
+    detection: also write every detection subset 38-50 (one object per image, its box as the answer).
 
   Images are written first (temp name + rename), each subset's JSON last, also atomically: a JSON file
   that exists always describes images that exist. Re-running overwrites cleanly and removes images a
@@ -170,10 +203,10 @@ def write_synthmat(out_dir: str | os.PathLike, *, image_size: int = 64, per_subs
     raise ValueError(f"per_subset and test_per_subset must be >= 0, got {per_subset}, {test_per_subset}")
   if seed < 0 or workers < 1:
     raise ValueError(f"seed must be >= 0 and workers >= 1, got seed={seed}, workers={workers}")
-  ids = _subset_ids(subsets)
+  ids = _subset_ids(subsets, detection)
   root = Path(out_dir)
   counts = {sid: {"train": per_subset,
-                  "test": max(test_per_subset, len(LABELS[sid])) if test_per_subset else 0} for sid in ids}
+                  "test": max(test_per_subset, len(_labels(sid))) if test_per_subset else 0} for sid in ids}
   sizes = {sid: sum(len(split_labels(sid, sp, n, seed)) for sp, n in counts[sid].items()) for sid in ids}
   (root / "Aggregated_Subsets").mkdir(parents=True, exist_ok=True)
   summary = {"root": str(root), "image_size": image_size, "seed": seed, "subsets": {}, "num_images": 0}

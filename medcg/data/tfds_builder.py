@@ -50,6 +50,10 @@ DEFAULT_SHARD_SIZE = 1024
 TMP_DIR = ".tmp"
 
 
+# Classification (01-37) and detection (38-50) subsets; segmentation masks have no question-answer form.
+CONVERTIBLE_SUBSETS = mat.CLASSIFICATION_SUBSETS + mat.DETECTION_SUBSETS
+
+
 def config_name(subset: int | str) -> str:
   """The builder config name of a subset ("subset_03")."""
   return f"subset_{mat.get(subset).id:02d}"
@@ -63,7 +67,7 @@ class MedMatConfig(tfds.core.BuilderConfig):
 
 def _configs() -> list[MedMatConfig]:
   out = []
-  for sid in mat.CLASSIFICATION_SUBSETS:
+  for sid in CONVERTIBLE_SUBSETS:
     s = mat.get(sid)
     out.append(MedMatConfig(name=config_name(sid), version=VERSION, subset=sid,
                             description=f"Med-MAT {s.name}: {s.task} ({s.modality}, {s.area}, {s.coarse_task})"))
@@ -101,7 +105,10 @@ class _ShardedDownloadConfig(tfds.download.DownloadConfig):
 
 
 class MedMat(tfds.core.GeneratorBasedBuilder):
-  """Med-MAT multiple-choice samples, one config per classification subset (01-37)."""
+  """Med-MAT samples, one config per classification (01-37) or detection (38-50) subset.
+
+  A detection sample has no options and its `answer` is the box text "[x1, y1, x2, y2]" (0-1).
+  """
 
   VERSION = tfds.core.Version(VERSION)
   RELEASE_NOTES = {str(VERSION): "Both released schemas; images resized to a square PNG."}
@@ -324,18 +331,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable
     raise ValueError(f"--image-size ({image_size}) and --shard-size ({shard_size}) must be positive")
   src, out = Path(src).resolve(), Path(out).resolve()
   available = medmat.subset_files(src)
-  other = [sid for sid in available if not mat.get(sid).is_classification]
+  other = [sid for sid in available if sid not in CONVERTIBLE_SUBSETS]
   if subsets is None:
     if other:
-      logging.warning("skipping non-classification subsets %s: the med_mat builder holds multiple-choice "
-                      "subsets 01-37 only", other)
+      logging.warning("skipping segmentation subsets %s: the med_mat builder holds classification (01-37) "
+                      "and detection (38-50) subsets only", other)
     wanted = [sid for sid in available if sid not in other]
   else:
     wanted = sorted({mat.get(s).id for s in subsets})
-    bad = [s for s in wanted if not mat.get(s).is_classification]
+    bad = [s for s in wanted if s not in CONVERTIBLE_SUBSETS]
     if bad:
-      raise ValueError(f"subsets {bad} are detection/segmentation subsets; the med_mat builder holds the "
-                       "multiple-choice subsets 01-37 only")
+      raise ValueError(f"subsets {bad} are segmentation subsets; the med_mat builder holds classification "
+                       "(01-37) and detection (38-50) subsets only")
     missing = [s for s in wanted if s not in available]
     if missing:
       raise medmat.MedMatError(src, f"no JSON files for subsets {missing}; the source has {list(available)}")

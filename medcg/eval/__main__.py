@@ -100,6 +100,16 @@ def print_summary(results: Mapping[str, Any], out_dir: str) -> None:
     table.add_row(f"subset {key}", " ".join(v["triplet"]), v["status"], str(v["n"]), f"{100 * v['accuracy']:.1f}")
   console = Console()
   console.print(table)
+  if "detection" in results:  # detection subsets score boxes: cIoU, not accuracy
+    det = Table(title="detection")
+    for col in ("", "triplet", "n", "cIoU %", "mean IoU %", "unparsed %"):
+      det.add_column(col, justify="left" if col in ("", "triplet") else "right")
+    rows = [("overall", "", results["detection"]["overall"])]
+    rows += [(f"subset {k}", " ".join(v["triplet"]), v) for k, v in results["detection"]["per_subset"].items()]
+    for name, triplet, v in rows:
+      det.add_row(name, triplet, str(v["n"]), f"{100 * v['ciou']:.1f}", f"{100 * v['mean_iou']:.1f}",
+                  f"{100 * v['parse_failure_rate']:.1f}")
+    console.print(det)
   console.print(f"wrote {out_dir}")
 
 

@@ -5,6 +5,10 @@ reports print percent). Overall accuracy is over samples (micro); `macro_subset`
 accuracies, which is how the paper's tables read. Aggregation sorts by key, so the result does not depend
 on record order, and a duplicated `sample_id` is an error (an evaluation that saw a sample twice is wrong).
 Unparsed answers are wrong and their rate is reported with the count of every parse stage.
+
+Detection samples (subsets 38-50: the answer is a box) are scored apart from the accuracies above:
+`results["detection"]` holds cIoU, mean IoU, accuracy at IoU 0.5, n and the parse-failure rate, overall
+and per subset (`medcg.eval.detection.score`). Their records carry the parsed box and its IoU.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from medcg import mat
 from medcg.fileio import atomic_write_text  # noqa: F401 (re-exported)
+from medcg.eval import detection
 from medcg.eval import mcq
 
 RESULTS_FILE = "results.json"
@@ -26,7 +31,11 @@ SCHEMA_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class SampleRecord:
-  """One evaluated sample. `parsed` is the predicted letter or None; `stage` how it was obtained."""
+  """One evaluated sample. `parsed` is the predicted letter or None; `stage` how it was obtained.
+
+  Detection samples: `parsed` is the canonical text of the first box in the output (None: no box),
+  `box` its four numbers, `iou` its IoU with the ground truth `answer`, `correct` is IoU >= 0.5.
+  """
   sample_id: str
   subset: int
   triplet: tuple[str, str, str]
@@ -36,11 +45,17 @@ class SampleRecord:
   stage: str
   correct: bool
   answer: str
+  box: tuple[float, float, float, float] | None = None
+  iou: float | None = None
+
+  @property
+  def is_detection(self) -> bool:
+    return mat.get(self.subset).status == "det"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], where: str = "record") -> "SampleRecord":
     """Validates a dict (e.g. one JSONL line); errors name `where` and the key at fault."""
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in ("box", "iou")]
     if missing:
       raise ValueError(f"{where}: missing keys {missing}")
     triplet = tuple(d["triplet"])
@@ -52,13 +67,23 @@ class SampleRecord:
       raise ValueError(f"{where}: 'subset': {e}") from None
     if not isinstance(d["correct"], bool):
       raise ValueError(f"{where}: 'correct' must be a bool, got {d['correct']!r}")
+    box, iou = d.get("box"), d.get("iou")
+    if box is not None and (not isinstance(box, (list, tuple)) or len(box) != 4):
+      raise ValueError(f"{where}: 'box' must be null or 4 numbers, got {box!r}")
+    if mat.get(subset).status == "det" and iou is None:
+      raise ValueError(f"{where}: detection sample (subset {subset:02d}) without 'iou'")
     return cls(str(d["sample_id"]), subset, triplet, str(d["prompt"]), str(d["output"]),
                None if d["parsed"] is None else str(d["parsed"]), str(d["stage"]), d["correct"],
-               str(d["answer"]))
+               str(d["answer"]), None if box is None else tuple(float(v) for v in box),
+               None if iou is None else float(iou))
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["triplet"] = list(self.triplet)
+    if self.is_detection:
+      d["box"] = None if self.box is None else list(self.box)
+    else:  # classification rows keep their schema
+      del d["box"], d["iou"]
     return d
 
 
@@ -82,6 +107,35 @@ def score_choice(sample_id: str, subset: int | str, triplet: Sequence[str], prom
   output = "" if letter is None else options[index]
   return SampleRecord(str(sample_id), mat.get(subset).id, tuple(triplet), prompt, output, letter, stage,
                       letter == answer, answer)
+
+
+def score_detection(sample_id: str, subset: int | str, triplet: Sequence[str], prompt: str, output: str,
+                    answer: str, iou_threshold: float = 0.5) -> SampleRecord:
+  """Parses the first box of a generated answer and scores its IoU against the ground-truth box text."""
+  target = detection.parse_box(answer)
+  if target is None:
+    raise ValueError(f"sample {sample_id}: ground-truth answer {answer!r} is not a box")
+  box = detection.parse_box(output)
+  value = detection.iou(box, target)
+  return SampleRecord(str(sample_id), mat.get(subset).id, tuple(triplet), prompt, output,
+                      None if box is None else detection.format_box(box), "box" if box else "unparsed",
+                      value >= iou_threshold, answer, box, value)
+
+
+def detection_summary(records: Sequence[SampleRecord], iou_threshold: float = 0.5) -> dict[str, Any]:
+  """{"overall": {...}, "per_subset": {"39": {...}}} with ciou, mean_iou, acc_at_iou, n, parse_failure_rate."""
+  def entry(scored: Mapping[str, Any]) -> dict[str, Any]:
+    return {"n": scored["n"], "ciou": scored["ciou"], "mean_iou": scored["mean_iou"],
+            "acc_at_iou": scored["acc_at_iou"], "unparsed": scored["unparsed"],
+            "parse_failure_rate": scored["unparsed_rate"]}
+
+  det = [detection.DetectionRecord(r.sample_id, r.subset, r.output, detection.parse_box(r.answer))
+         for r in records]
+  by = detection.score_by_subset(det, iou_threshold) if det else {}
+  return {"iou_threshold": iou_threshold,
+          "overall": entry(by["all"]) if det else entry(detection.score([], iou_threshold)),
+          "per_subset": {k: {**entry(v), "triplet": list(mat.get(int(k)).triplet)}
+                         for k, v in by.items() if k != "all"}}
 
 
 def _acc(n: int, correct: int) -> dict[str, Any]:
@@ -113,6 +167,8 @@ def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, 
       raise ValueError(f"record {i}: sample_id {r.sample_id!r} already seen at record {seen[r.sample_id]}")
     seen[r.sample_id] = i
   recs.sort(key=lambda r: r.sample_id)
+  det = [r for r in recs if r.is_detection]
+  recs = [r for r in recs if not r.is_detection]   # accuracies are over classification samples
   per_subset = _group(recs, lambda r: f"{r.subset:02d}")
   for key, v in per_subset.items():
     s = mat.get(int(key))
@@ -124,6 +180,7 @@ def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, 
   n = len(recs)
   unparsed = sum(1 for r in recs if r.parsed is None)
   subset_accs = [v["accuracy"] for v in per_subset.values()]
+  extra = {"detection": detection_summary(det)} if det else {}
   return {
       "schema_version": SCHEMA_VERSION,
       "overall": _acc(n, sum(int(r.correct) for r in recs)),
@@ -139,6 +196,7 @@ def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, 
       "parse": {"stages": dict(sorted(stages.items())), "unparsed": unparsed,
                 "failure_rate": unparsed / n if n else 0.0},
       "counts": {"samples": n, "subsets": len(per_subset)},
+      **extra,
   }
 
 

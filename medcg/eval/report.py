@@ -176,6 +176,22 @@ def summary_table(results: Results) -> str:
   return markdown_table(["", "n", "%"], rows)
 
 
+def detection_table(results: Results) -> str:
+  """cIoU, mean IoU, accuracy at IoU 0.5 and unparsed rate per detection subset and overall (percent)."""
+  det = results.get("detection")
+  if not det:
+    raise ValueError("results hold no detection section (no detection subset was evaluated)")
+  headers = ["Subset", "Triplet", "n", "cIoU %", "mean IoU %", f"IoU ≥ {det['iou_threshold']:g} %", "Unparsed %"]
+
+  def row(name, triplet, v):
+    return [name, triplet, v["n"], fmt_pct([v["ciou"]]), fmt_pct([v["mean_iou"]]), fmt_pct([v["acc_at_iou"]]),
+            fmt_pct([v["parse_failure_rate"]])]
+
+  rows = [row(k, " ".join(v["triplet"]), v) for k, v in det["per_subset"].items()]
+  rows.append(row("All", "", det["overall"]))
+  return markdown_table(headers, rows)
+
+
 def render(title: str, sections: Sequence[tuple[str, str]], meta: Mapping[str, Any] | None = None) -> str:
   """A markdown document: a title, an optional key: value block (commands, fingerprints), sections."""
   parts = [f"# {title}\n"]

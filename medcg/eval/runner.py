@@ -7,6 +7,10 @@ Two multiple-choice modes (DESIGN.md "Evaluation"):
     (`mcq.choose_by_loglik_batch`), never a position-biased pick.
   * "generate": greedy decoding (`config.eval.max_new_tokens`), then `mcq.parse_answer`; unparsed
     answers are scored wrong and their rate is reported.
+Detection subsets (38-50) in the mixture are evaluated apart, in either mode, by greedy generation of a
+box: `config.eval.detection_max_new_tokens` tokens, or when it is 0 / unset the longest ground-truth
+answer's token count (+ eos) plus `DETECTION_MARGIN`; then `detection.parse_boxes`, IoU per sample and
+cIoU per subset (`results["detection"]`).
 
 Results do not depend on the batch size: the pipeline pads every prompt to `seq_len` and marks padding
 rows `valid=False` (dropped here), positions come from the attention mask, generation is greedy, and
@@ -46,6 +50,8 @@ HEATMAP_FILE = "heatmap_modality_area.png"
 # Option slots per example: the prompt offers at most this many letters (medcg.data.prompt.LETTERS).
 MAX_OPTIONS = len(prompt_lib.LETTERS)
 MODEL_KEYS = ("image", "input_ids", "attention_mask", "text_ids")
+# Tokens generated beyond the longest ground-truth box (+ eos): room for a slightly longer wrong box.
+DETECTION_MARGIN = 4
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -161,7 +167,10 @@ def _records_for_batch(local, scored, *, mode, tokenizer, reduction) -> list[met
     triplet = mat.get(subset).triplet
     prompt = _prompt_text(tokenizer, local["input_ids"][b], int(local["prompt_len"][b]))
     options, answer = list(local["options"][b]), str(local["answer"][b])
-    if mode == "likelihood":
+    if not options:  # a detection row (always generated)
+      output = tokenizer.decode([int(t) for t in tokens[b, :int(lengths[b])]])
+      records.append(metrics.score_detection(sid, subset, triplet, prompt, output, answer))
+    elif mode == "likelihood":
       index = None if choice[b] < 0 else int(choice[b])
       records.append(metrics.score_choice(sid, subset, triplet, prompt, index,
                                           "tie" if index is None else "loglik", options, answer))
@@ -182,24 +191,60 @@ def run_records(model, config, tokenizer, *, mixture, mode: str, batch_size: int
     raise ValueError(f"config.eval.likelihood_reduction={reduction!r}: expected one of {REDUCTIONS}")
   if batch_size < 1:
     raise ValueError(f"config.eval.batch_size={batch_size}: must be >= 1")
-  data_cfg = trainer.pipeline_config(config, mixture, batch_size, model.num_image_tokens)
-  it = pipeline.make_eval_iterator(data_cfg, tokenizer, include_answer=False,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+  classification, det = split_mixture(mixture)
   place = _Placement(mesh, batch_size)
-  max_new_tokens = int(_eval_setting(config, "max_new_tokens", 8))
-  template = data_cfg.chat_template
   records: list[metrics.SampleRecord] = []
   from tqdm import tqdm
-  bar = tqdm(desc=f"eval ({mode})", unit="batch", disable=not progress or jax.process_index() != 0,
-             dynamic_ncols=True)
-  with shd.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    for local in it:
-      records += _eval_batch(model, local, place, mode=mode, tokenizer=tokenizer, template=template,
-                             likelihood_target=likelihood_target, max_new_tokens=max_new_tokens,
-                             reduction=reduction)
-      bar.update(1)
-  bar.close()
+  for part, part_mode in ((classification, mode), (det, "generate")):
+    if not part:
+      continue
+    data_cfg = trainer.pipeline_config(config, part, batch_size, model.num_image_tokens)
+    if part is det:
+      max_new_tokens = detection_max_new_tokens(config, data_cfg, tokenizer)
+    else:
+      max_new_tokens = int(_eval_setting(config, "max_new_tokens", 8))
+    it = pipeline.make_eval_iterator(data_cfg, tokenizer, include_answer=False,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    bar = tqdm(desc=f"eval ({'detection' if part is det else mode})", unit="batch",
+               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    with shd.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      for local in it:
+        records += _eval_batch(model, local, place, mode=part_mode, tokenizer=tokenizer,
+                               template=data_cfg.chat_template, likelihood_target=likelihood_target,
+                               max_new_tokens=max_new_tokens, reduction=reduction)
+        bar.update(1)
+    bar.close()
   return records
+
+
+def split_mixture(mixture) -> tuple[list[tuple], list[tuple]]:
+  """(classification entries, detection entries) of an evaluation mixture, each in mixture order."""
+  classification, det = [], []
+  for entry in mixture:
+    (det if mat.get(entry[0]).status == "det" else classification).append(tuple(entry))
+  return classification, det
+
+
+def detection_max_new_tokens(config, data_cfg, tokenizer) -> int:
+  """`config.eval.detection_max_new_tokens`, or (0 / unset) the longest ground-truth answer + eos + margin.
+
+  The answers are read from the records (no image decoding), tokenized as the chat template's answer,
+  so every host computes the same number for the same mixture.
+  """
+  fixed = int(_eval_setting(config, "detection_max_new_tokens", 0) or 0)
+  if fixed < 0:
+    raise ValueError(f"config.eval.detection_max_new_tokens={fixed}: must be >= 0 (0: from the answers)")
+  if fixed:
+    return fixed
+  from medcg.data import features
+  template = prompt_lib.get_template(data_cfg.chat_template)
+  source = pipeline.build_mixture(data_cfg, seed=data_cfg.seed)
+  longest = 0
+  for i in range(len(source)):
+    raw, where = source[i]
+    answer = features.parse_example(raw, where)["answer"]
+    longest = max(longest, len(tokenizer.encode(template.answer.format(letter=answer))))
+  return longest + 1 + DETECTION_MARGIN
 
 
 def _eval_batch(model, local, place: _Placement, *, mode, tokenizer, template, likelihood_target, max_new_tokens,
@@ -244,7 +289,12 @@ def _per_group_table(groups: Mapping[str, Mapping[str, Any]], title: str) -> str
 
 
 def write_report(out_dir: str, results: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-  """report.md (summary, per subset / triplet / element, parse stages) and a heatmap when it says something."""
+  """report.md (summary, per subset / triplet / element, parse stages, detection) and a heatmap when it says
+  something."""
+  if not results["overall"]["n"]:  # a detection-only evaluation: no accuracy tables
+    sections = [("Detection (cIoU)", report.detection_table(results))]
+    report.write_report(os.path.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
+    return
   sections = [("Summary", report.summary_table(results)),
               ("Per subset", report.subset_table({"ours": [results]})),
               ("Per triplet", _per_group_table(results["per_triplet"], "triplet"))]
@@ -253,6 +303,8 @@ def write_report(out_dir: str, results: Mapping[str, Any], meta: Mapping[str, An
   stages = results["parse"]["stages"]
   sections.append(("Answer stages", report.markdown_table(
       ["stage", "n"], [[k, v] for k, v in stages.items()])))
+  if results.get("detection"):
+    sections.append(("Detection (cIoU)", report.detection_table(results)))
   if len(results["per_triplet"]) >= 2:
     from medcg.eval import plots  # matplotlib only when there is something to plot
     plots.plot_heatmaps(os.path.join(out_dir, HEATMAP_FILE), results)
@@ -277,7 +329,9 @@ def evaluate(model, config: ml_collections.ConfigDict, tokenizer, *, mixture, mo
   """
   mode = mode or _eval_setting(config, "mode", "likelihood")
   batch_size = int(batch_size or _eval_setting(config, "batch_size", 8))
-  target = likelihood_target or _eval_setting(config, "likelihood_target", "letter")
+  # Score what the model was trained to say unless told otherwise (a letter-trained model scores letters).
+  target = (likelihood_target or _eval_setting(config, "likelihood_target", "")
+            or config.get("data", {}).get("answer_format", "letter"))
   if target not in LIKELIHOOD_TARGETS:
     raise ValueError(f"config.eval.likelihood_target={target!r}: expected one of {LIKELIHOOD_TARGETS}")
   reduction = _eval_setting(config, "likelihood_reduction", "mean")
@@ -291,6 +345,9 @@ def evaluate(model, config: ml_collections.ConfigDict, tokenizer, *, mixture, mo
     eval_settings.update(likelihood_target=target, likelihood_reduction=reduction)
   else:
     eval_settings.update(max_new_tokens=int(_eval_setting(config, "max_new_tokens", 8)), decoding="greedy")
+  if split_mixture(mixture)[1]:
+    eval_settings["detection"] = {"decoding": "greedy", "max_new_tokens": int(
+        _eval_setting(config, "detection_max_new_tokens", 0) or 0) or "auto (longest answer + eos + margin)"}
   checkpoint = dict(checkpoint or {"step": step})
   checkpoint.setdefault("step", step)
   config_dict = _config_dict(config)
@@ -318,6 +375,12 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     out[f"subset/{key}"] = float(v["accuracy"])
   for key, v in results.get("per_status", {}).items():
     out[f"status/{key}"] = float(v["accuracy"])
+  if results.get("detection"):
+    det = results["detection"]
+    out["ciou"] = float(det["overall"]["ciou"])
+    out["detection_parse_failure_rate"] = float(det["overall"]["parse_failure_rate"])
+    for key, v in det["per_subset"].items():
+      out[f"ciou/{key}"] = float(v["ciou"])
   return out
 
 

@@ -148,6 +148,12 @@ class VLM(nnx.Module):
     """
     _check_placeholders(input_ids, self.image_token_id, self.num_image_tokens)
     feats, slot_mask = self.image_features(images, text_ids)
+    return self.splice(feats, slot_mask, input_ids, attention_mask)
+
+  def splice(self, feats: jax.Array, slot_mask: jax.Array | None, input_ids: jax.Array,
+             attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`embed_inputs` from image features already computed (`image_features`): the text embeddings with the
+    k-th image placeholder of each row replaced by the k-th feature slot."""
     is_image = input_ids == self.image_token_id
     slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, self.num_image_tokens - 1)  # (B, L)
     spliced = jnp.take_along_axis(feats, slot[..., None], axis=1)
@@ -282,12 +288,19 @@ def generate(model: VLM, images, input_ids, attention_mask=None, *, text_ids=Non
 
 @jax.jit
 def score_options(model: VLM, images, prompt_ids, prompt_mask, option_ids, option_mask, text_ids=None):
-  """Multiple choice by option log-likelihood: (sum, mean) log-prob (B, O) of each option given image + prompt."""
+  """Multiple choice by option log-likelihood: (sum, mean) log-prob (B, O) of each option given image + prompt.
+
+  The vision tower (and TRIM) runs once per example; its features are repeated for the O option rows.
+  """
   num_options = option_ids.shape[1]
+  _check_placeholders(prompt_ids, model.image_token_id, model.num_image_tokens)
+  rep = lambda x: None if x is None else jnp.repeat(x, num_options, axis=0)
+  feats, slot_mask = model.image_features(images, text_ids)
+  feats, slot_mask = rep(feats), rep(slot_mask)
 
   def forward(ids, mask):
-    rep = lambda x: None if x is None else jnp.repeat(x, num_options, axis=0)
-    return model(rep(images), ids, mask, rep(text_ids))
+    embeds, mask = model.splice(feats, slot_mask, ids, mask)
+    return model.llm(inputs_embeds=embeds, attention_mask=mask)[0]
 
   return generate_lib.score_options(forward, prompt_ids, prompt_mask, option_ids, option_mask)
 
