@@ -77,14 +77,17 @@ def corpus_tokenizer_path(shards_dir: str) -> str:
   return os.path.join(shards_dir, f"tokenizer-bpe{CORPUS_VOCAB}.json")
 
 
+# Every run arg the configs share (see the module docstring), with its default; sweeps pass all but `seed` through.
+COMMON_RUN_ARGS = dict(seed=0, data="synth", model="", shards="", hf="", synth_train=SYNTH_TRAIN,
+                       synth_test=SYNTH_TEST, epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="")
+
+
 def run_args(arg: str | None, **experiment: Any) -> ml_collections.ConfigDict:
   """Parses a run's arg string against the experiment's own defaults plus the common run args."""
-  defaults = dict(experiment)
-  defaults.update(seed=0, data="synth", model="", shards="", hf="", synth_train=SYNTH_TRAIN, synth_test=SYNTH_TEST,
-                  epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="")
-  for key in experiment:
-    if key in ("seed", "data", "model", "shards", "hf", "synth_train", "synth_test", "epochs", "ood_train", "init"):
-      raise ValueError(f"experiment arg {key!r} clashes with a common run arg")
+  clashes = sorted(set(experiment) & set(COMMON_RUN_ARGS))
+  if clashes:
+    raise ValueError(f"experiment arg {clashes[0]!r} clashes with a common run arg")
+  defaults = {**experiment, **COMMON_RUN_ARGS}
   args = configlib.parse_arg(arg, **defaults)
   if args.data not in DATA_KINDS:
     raise ValueError(f"config arg 'data': expected one of {DATA_KINDS}, got {args.data!r}")
@@ -274,14 +277,12 @@ def assert_target_held_out(mixture: Iterable[Sequence[Any]], target: int, allowe
 # ---------------------------------------------------------------------------------------------------
 # Sweeps.
 
-PASS_THROUGH = ("data", "model", "shards", "hf", "synth_train", "synth_test", "epochs", "ood_train", "init")
+PASS_THROUGH = tuple(k for k in COMMON_RUN_ARGS if k != "seed")
 
 
 def sweep_args(arg: str | None, **sweep_defaults: Any) -> ml_collections.ConfigDict:
   """Parses a sweep's base arg: its own keys (seeds, rows, ...) plus the run args every entry carries."""
-  defaults = dict(sweep_defaults)
-  defaults.update(data="synth", model="", shards="", hf="", synth_train=SYNTH_TRAIN, synth_test=SYNTH_TEST,
-                  epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="")
+  defaults = {**sweep_defaults, **{k: COMMON_RUN_ARGS[k] for k in PASS_THROUGH}}
   return configlib.parse_arg(arg, **defaults)
 
 

@@ -52,14 +52,19 @@ def _config(shards_dir: str):
   return c
 
 
+def _synth_shards(root, subsets, test_per_subset):
+  """SynthMAT (8 train samples per subset, 32 px) converted to ArrayRecord shards under root/shards."""
+  synthetic.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=test_per_subset,
+                           subsets=list(subsets), progress=False)
+  tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=16, fmt="array_record",
+                       progress=False)
+  return root
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
   """(workdir, config, train result) of a 2-step tiny run whose final evaluation used the runner's hook."""
-  root = tmp_path_factory.mktemp("eval_runner")
-  synthetic.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=TEST_PER_SUBSET,
-                           subsets=list(SUBSETS), progress=False)
-  tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=16, fmt="array_record",
-                       progress=False)
+  root = _synth_shards(tmp_path_factory.mktemp("eval_runner"), SUBSETS, TEST_PER_SUBSET)
   manifest = shards.Manifest.load(root / "shards")
   assert sum(manifest.count(s, "test") for s in SUBSETS) == N_TEST
   config = _config(str(root / "shards"))
@@ -293,11 +298,7 @@ DET_TEST = 5
 @pytest.fixture(scope="session")
 def det_loaded(tmp_path_factory):
   """A tiny model trained 2 steps on SynthMAT 03 + 39 (a detection subset), ready to evaluate."""
-  root = tmp_path_factory.mktemp("eval_runner_det")
-  synthetic.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=DET_TEST,
-                           subsets=list(DET_SUBSETS), progress=False)
-  tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=16, fmt="array_record",
-                       progress=False)
+  root = _synth_shards(tmp_path_factory.mktemp("eval_runner_det"), DET_SUBSETS, DET_TEST)
   config = _config(str(root / "shards"))
   config.data.mixture = [(s, "train", 8) for s in DET_SUBSETS]
   config.data.eval_mixture = DET_MIXTURE

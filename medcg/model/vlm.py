@@ -152,8 +152,10 @@ class VLM(nnx.Module):
 
   def splice(self, feats: jax.Array, slot_mask: jax.Array | None, input_ids: jax.Array,
              attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`embed_inputs` from image features already computed (`image_features`): the text embeddings with the
-    k-th image placeholder of each row replaced by the k-th feature slot."""
+    """`embed_inputs` from features `image_features` already computed (so option scoring encodes once).
+
+    The text embeddings with each row's k-th image placeholder replaced by the k-th feature slot.
+    """
     is_image = input_ids == self.image_token_id
     slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, self.num_image_tokens - 1)  # (B, L)
     spliced = jnp.take_along_axis(feats, slot[..., None], axis=1)
