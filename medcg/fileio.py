@@ -1,32 +1,218 @@
-"""Atomic writes: a temp file beside the target, fsync, rename. A reader never sees half a file."""
+"""Storage: one path layer for local disks and object stores (`gs://`), on `etils.epath`.
+
+Every read and write of workdirs, shards, manifests, tokenizers, metrics, reports, plots and sweep roots goes
+through `path()` (an `epath.Path`), so the same command takes `runs/x` or `gs://bucket/runs/x`. orbax and tfds
+use the same library; orbax writes arrays to `gs://` through tensorstore's own GCS driver.
+
+Backends. Local paths use the OS. `gs://` goes through fsspec's `gcsfs` (`pip install gcsfs`), never through
+TensorFlow's gfile: epath would pick gfile whenever TensorFlow is installed, and the training path must not
+import TensorFlow (DEVELOPING.md), so `EPATH_USE_TF=false` is the default here. Listing caches are off, since
+on a pod other hosts write the same workdir and a cached listing would hide their files.
+
+Atomic writes. Locally: a temporary file beside the target, fsync, `os.replace`: a reader sees the old file
+or the new one, never half. On an object store an object becomes visible only when its upload completes, and
+an overwrite replaces the object whole, so the final name is written directly; a rename there is a copy plus
+a delete (neither atomic nor cheap), so it is never used for atomicity. Appends do not exist on object stores:
+logs that grow (`JsonlLog`) are rewritten whole.
+"""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable, Iterable
+
+os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a backend (see the module docstring)
+
+from etils import epath  # noqa: E402
+
+from medcg.errors import UserError  # noqa: E402
+
+# URI scheme -> (the fsspec backend package epath needs, how to install it).
+BACKENDS = {"gs": ("gcsfs", "pip install gcsfs"), "s3": ("s3fs", "pip install s3fs")}
+
+PathLike = str | os.PathLike
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
+class StorageError(UserError, OSError):
+  """A path this machine cannot use (a missing backend package, an unsupported scheme)."""
+
+
+def scheme(p: PathLike) -> str | None:
+  """"gs" for gs://bucket/x, None for a local path."""
+  s = os.fspath(p)
+  head, sep, _ = s.partition("://")
+  return head if sep and head.isalnum() else None
+
+
+def is_remote(p: PathLike) -> bool:
+  return scheme(p) is not None
+
+
+_checked: set[str] = set()
+
+
+def _check_backend(name: str, s: str) -> None:
+  if name in _checked:
+    return
+  if name not in BACKENDS:
+    raise StorageError(f"{s}: unsupported storage scheme {name}:// (medcg reads local paths and "
+                       f"{', '.join(k + '://' for k in BACKENDS)})")
+  package, install = BACKENDS[name]
+  import importlib.util
+  if importlib.util.find_spec(package) is None:
+    raise StorageError(f"{s}: {name}:// paths need the {package} package, which is not installed ({install})")
+  import fsspec.config
+  for protocol in ("gcs", "gs") if name == "gs" else (name,):
+    fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+  _checked.add(name)
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an `epath.Path`; a remote scheme is checked for its backend package first (one clear error)."""
+  if isinstance(p, epath.Path) and not is_remote(p):
+    return p
+  s = os.fspath(p)
+  name = scheme(s)
+  if name is not None:
+    _check_backend(name, s)
+  return epath.Path(s)
+
+
+def absolute(p: PathLike) -> str:
+  """A path every process (and every host sharing the store) resolves the same way: remote ones unchanged."""
+  s = os.fspath(p)
+  return s if is_remote(s) else os.path.abspath(s)
+
+
+def join(*parts: PathLike) -> str:
+  """os.path.join that keeps "gs://" intact (a string, for configs and command lines)."""
+  return os.fspath(path(parts[0]).joinpath(*[os.fspath(x) for x in parts[1:]]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Whole-file reads and atomic writes.
+# ------------------------------------------------------------------------------------------------------
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def read_text(p: PathLike) -> str:
+  return path(p).read_text(encoding="utf-8")
+
+
+def read_json(p: PathLike) -> Any:
+  """Parsed JSON; malformed content is a ValueError naming the file."""
+  text = read_text(p)
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{os.fspath(p)}: malformed JSON ({e})") from e
+
+
+def makedirs(p: PathLike) -> None:
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write_bytes(p: PathLike, data: bytes) -> None:
+  """Readers see the old content or the new, never part (see the module docstring for object stores)."""
+  if is_remote(p):
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return
+  p = os.fspath(p)
+  folder = os.path.dirname(os.path.abspath(p))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(p) + ".", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, p)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(p: PathLike, text: str) -> None:
+  atomic_write_bytes(p, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+def atomic_write_json(p: PathLike, obj: Any) -> None:
+  atomic_write_text(p, json.dumps(obj, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+  """Copies one file between any two stores (local <-> gs://), atomically at the destination."""
+  atomic_write_bytes(dst, path(src).read_bytes())
+
+
+def copy_tree(src: PathLike, dst: PathLike, *, skip: Callable[[str], bool] | None = None) -> list[str]:
+  """Copies every file under `src` to the same relative path under `dst`; returns the relative paths copied.
+
+  `skip(relative_path)` leaves a file out (e.g. one already at the destination).
+  """
+  src_p = path(src)
+  copied = []
+  for root, _, files in src_p.walk():
+    for name in sorted(files):
+      rel = os.path.relpath(os.fspath(path(root) / name), os.fspath(src_p))
+      if skip is not None and skip(rel):
+        continue
+      copy_file(path(root) / name, path(dst) / rel)
+      copied.append(rel)
+  return copied
+
+
+# ------------------------------------------------------------------------------------------------------
+# Logs that grow: JSON lines kept in memory and rewritten whole.
+# ------------------------------------------------------------------------------------------------------
+class JsonlLog:
+  """A JSON-lines file of rows with a "step", rewritten atomically rather than appended to.
+
+  Object stores cannot append, and a run that restarts from a checkpoint must not keep the rows of steps it
+  is about to run again: `JsonlLog(p, keep_through=step)` drops the rows after `step` (the restored step), so
+  each step appears once. `flush()` rewrites the file; `append(row, flush=False)` leaves that to the caller
+  (e.g. at checkpoints), which is how a long run keeps remote writes infrequent.
+  """
+
+  def __init__(self, p: PathLike, keep_through: int | None = None):
+    self.path = path(p)
+    self.rows: list[dict[str, Any]] = []
+    self._dirty = False
+    if self.path.exists():
+      for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line of an older medcg that appended: drop it
+          self._dirty = True
+          continue
+        if keep_through is not None and int(row.get("step", 0)) > keep_through:
+          self._dirty = True
+          continue
+        self.rows.append(row)
+    if self._dirty:
+      self.flush()
+
+  def append(self, row: dict[str, Any], flush: bool = True) -> None:
+    self.rows.append(row)
+    self._dirty = True
+    if flush:
+      self.flush()
+
+  def extend(self, rows: Iterable[dict[str, Any]], flush: bool = True) -> None:
+    for row in rows:
+      self.append(row, flush=False)
+    if flush:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self._dirty:
+      return
+    atomic_write_text(self.path, "".join(json.dumps(r, default=str) + "\n" for r in self.rows))
+    self._dirty = False

@@ -28,3 +28,45 @@ def synth_shards(tmp_path_factory) -> str:
                   "--format", "array_record", "--no-progress"])
   assert rc in (0, None)
   return str(root / "shards")
+
+
+# ------------------------------------------------------------------------------------------------------
+# A fake Google Cloud Storage on loopback: gcp-storage-emulator speaks the GCS JSON API, so the real
+# clients run against it: gcsfs (what epath uses for gs://) and tensorstore's GCS driver (what orbax writes
+# arrays with). Subprocesses (trainers under test) inherit the environment and reach the same server.
+# ------------------------------------------------------------------------------------------------------
+FAKE_GCS_BUCKET = "medcg-test"
+
+
+@pytest.fixture(scope="session")
+def _fake_gcs_server(tmp_path_factory):
+  import socket
+  from gcp_storage_emulator.server import create_server
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = create_server("127.0.0.1", port, in_memory=False, default_bucket=FAKE_GCS_BUCKET,
+                         data_dir=str(tmp_path_factory.mktemp("fake_gcs")))
+  server._api.daemon = True  # never keeps pytest alive
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  env = {"STORAGE_EMULATOR_HOST": url,             # gcsfs
+         "TENSORSTORE_GCS_HTTP_URL": url,          # tensorstore (orbax arrays)
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",  # tensorstore: no credential lookup
+         "EPATH_USE_TF": "false"}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield url
+  for k, v in old.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  server.stop()
+
+
+@pytest.fixture
+def gcs_root(_fake_gcs_server) -> str:
+  """A fresh gs:// prefix on the fake store, e.g. gs://medcg-test/3f2a.../ (no trailing slash)."""
+  import uuid
+  return f"gs://{FAKE_GCS_BUCKET}/{uuid.uuid4().hex[:12]}"
