@@ -6,12 +6,12 @@ evaluation runner's per-sample output) and reports accuracy per ground-truth lab
 
   python -m experiments.label_breakdown --config configs/demo.py:seeds=3 --root runs --out experiments/results/x
 
-Prints a markdown table (run, label, n, accuracy) and writes OUT.md / OUT.json when `--out` is given.
+Prints a markdown table (run, label, n, accuracy) and writes OUT.md / OUT.json when `--out` is given. ROOT and
+OUT may be gs://BUCKET/..., as the sweep's.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -36,17 +36,18 @@ def true_label(sample: dict[str, Any]) -> str:
 def breakdown(samples_path: str) -> dict[str, dict[str, float]]:
   """{label: {"n", "correct", "accuracy"}} over one samples.jsonl."""
   out: dict[str, dict[str, float]] = {}
-  with open(samples_path) as f:
-    for i, line in enumerate(f):
-      try:
-        sample = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{samples_path}: line {i + 1} is not JSON ({e})") from e
-      if "answer" not in sample or "prompt" not in sample:
-        continue  # detection rows have no options
-      row = out.setdefault(true_label(sample), {"n": 0, "correct": 0})
-      row["n"] += 1
-      row["correct"] += int(bool(sample["correct"]))
+  for i, line in enumerate(fileio.read_text(samples_path).splitlines()):
+    if not line.strip():
+      continue
+    try:
+      sample = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{samples_path}: line {i + 1} is not JSON ({e})") from e
+    if "answer" not in sample or "prompt" not in sample:
+      continue  # detection rows have no options
+    row = out.setdefault(true_label(sample), {"n": 0, "correct": 0})
+    row["n"] += 1
+    row["correct"] += int(bool(sample["correct"]))
   for row in out.values():
     row["accuracy"] = row["correct"] / row["n"]
   return out
@@ -54,8 +55,11 @@ def breakdown(samples_path: str) -> dict[str, dict[str, float]]:
 
 def final_samples(workdir: str) -> str | None:
   """The samples.jsonl of the run's last evaluation (eval/step_N/, highest N)."""
-  paths = glob.glob(os.path.join(workdir, "eval", "*", "samples.jsonl"))
-  step = lambda p: int(re.sub(r"\D", "", os.path.basename(os.path.dirname(p))) or -1)
+  folder = fileio.path(workdir) / "eval"
+  if not folder.exists():
+    return None
+  paths = [os.fspath(p) for p in folder.glob("*/samples.jsonl")]
+  step = lambda p: int(re.sub(r"\D", "", p.rsplit("/", 2)[-2]) or -1)
   return max(paths, key=step) if paths else None
 
 

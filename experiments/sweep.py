@@ -9,11 +9,18 @@ Each sweep entry is the arg string of one run (`row=15,arm=related,seed=0`). A r
 can be re-launched after a failure or preemption. `--collect` gathers every finished run's results.json into
 one table beside the paper's numbers (the config's `collect(results)` does the layout); `--out OUT` also writes
 OUT.md and OUT.json (the table plus every run's overall / per-subset numbers).
+
+ROOT may be `gs://BUCKET/...` for every launcher, and must be for a pod: its hosts write one multi-host orbax
+checkpoint, so the workdir must be a directory every host sees. Before any run starts, the data of every
+unfinished run is checked (`medcg.preflight`), so a short shards dir fails in seconds, not after the first arms.
+On a gs:// root each run's sweep.log is written to a local file (`--log-dir`) and copied to its workdir when
+the run ends, since object stores cannot append.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,7 +30,11 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
+from medcg import fileio
+from medcg.errors import UserError, one_line
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_LOG_DIR = os.path.join("runs", "sweep-logs")
 
 
 def load_config_module(path: str):
@@ -54,9 +65,13 @@ def run_name(arg: str) -> str:
   return re.sub(r"[^A-Za-z0-9=.,_-]", "_", arg).replace(",", "__") or "default"
 
 
+def config_stem(config_path: str) -> str:
+  return os.path.splitext(os.path.basename(config_path.split(":", 1)[0]))[0]
+
+
 def workdir_for(root: str, config_path: str, arg: str) -> str:
-  stem = os.path.splitext(os.path.basename(config_path.split(":", 1)[0]))[0]
-  return os.path.join(root, stem, run_name(arg))
+  """ROOT/<config>/<run>: gs:// stays gs://, a local root becomes absolute (commands run elsewhere)."""
+  return fileio.join(fileio.absolute(root), config_stem(config_path), run_name(arg))
 
 
 def train_command(config_path: str, arg: str, workdir: str, python: str = "python") -> list[str]:
@@ -86,17 +101,35 @@ def plan(config_path: str, root: str, launcher: str, *, python: str = "python", 
     if launcher == "pod" or (launcher == "print" and tpu):
       cmd = pod_command(tpu, zone, project, repo_dir, cmd)
     runs.append({"arg": arg, "workdir": wd, "cmd": cmd,
-                 "done": os.path.exists(os.path.join(wd, "results.json"))})
+                 "done": fileio.exists(fileio.join(wd, "results.json"))})
   return runs
 
 
-def run_local(runs: list[dict[str, Any]], parallel: int) -> list[tuple[str, int]]:
+def local_log(workdir: str, log_dir: str | None = None) -> str:
+  """Where a run's sweep.log is written: in its workdir, or LOG_DIR/<config>/<run>/ for a remote one."""
+  if not fileio.is_remote(workdir):
+    return os.path.join(workdir, "sweep.log")
+  config, run = workdir.rstrip("/").split("/")[-2:]
+  return os.path.join(os.path.abspath(log_dir or DEFAULT_LOG_DIR), config, run, "sweep.log")
+
+
+def run_local(runs: list[dict[str, Any]], parallel: int, log_dir: str | None = None) -> list[tuple[str, int]]:
+  """Runs the unfinished runs here, `parallel` at once; returns (arg, exit code) per run started."""
   todo = [r for r in runs if not r["done"]]
 
   def one(r):
-    os.makedirs(r["workdir"], exist_ok=True)
-    with open(os.path.join(r["workdir"], "sweep.log"), "ab") as log:
-      proc = subprocess.run(r["cmd"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    log_path = local_log(r["workdir"], log_dir)
+    remote_log = fileio.join(r["workdir"], "sweep.log")
+    remote = fileio.is_remote(r["workdir"])
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    if remote and not os.path.exists(log_path) and fileio.exists(remote_log):
+      fileio.copy_file(remote_log, log_path)  # keep the earlier attempts' log, as a local sweep.log does
+    try:
+      with open(log_path, "ab") as log:
+        proc = subprocess.run(r["cmd"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+      if remote:  # no appends on an object store: the whole log, once the run has ended
+        fileio.copy_file(log_path, remote_log)
     return r["arg"], proc.returncode
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
@@ -108,10 +141,9 @@ def collect(config_path: str, root: str) -> dict[str, Any]:
   module = load_config_module(config_path)
   results = {}
   for arg in sweep_args(config_path):
-    path = os.path.join(workdir_for(root, config_path, arg), "results.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        results[arg] = json.load(f)
+    path = fileio.join(workdir_for(root, config_path, arg), "results.json")
+    if fileio.exists(path):
+      results[arg] = fileio.read_json(path)
   table = dict(module.collect(results)) if hasattr(module, "collect") else {}
   # Every run's headline numbers travel with the table, so a committed table can be re-laid out or re-tested.
   table["runs"] = {arg: {k: res[k] for k in ("overall", "per_subset", "detection") if k in res}
@@ -121,36 +153,71 @@ def collect(config_path: str, root: str) -> dict[str, Any]:
 
 def write_table(out: str, table: dict[str, Any]) -> None:
   """OUT.md (the markdown table) and OUT.json (the table plus every run's numbers), each written atomically."""
-  from medcg import fileio
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fileio.atomic_write_text(out + ".md", table.get("markdown", "") + "\n")
   fileio.atomic_write_json(out + ".json", table)
 
 
+def check_data(config_path: str, runs: list[dict[str, Any]], *, check_local: bool = True) -> None:
+  """medcg.preflight on every unfinished run's config: every missing piece of data reported before any run.
+
+  Configs are built from the repository root, where the runs start, so relative data paths mean the same.
+  """
+  from medcg import preflight
+  todo = [r for r in runs if not r["done"]]
+  if not todo:
+    return
+  module = load_config_module(config_path)
+  with contextlib.chdir(REPO):
+    configs = {r["arg"]: module.get_config(r["arg"]) for r in todo}
+    preflight.check_all(configs, check_local=check_local)
+
+
+def _print_table(table: dict[str, Any], out: str) -> None:
+  print(table.get("markdown", json.dumps(table, indent=2)))
+  if out:
+    write_table(out, table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  try:
+    return _main(argv)
+  except UserError as e:  # the user's to fix: one message, no traceback
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/x.py[:base args]")
   p.add_argument("--launcher", choices=("local", "pod", "print"), default="print")
-  p.add_argument("--root", default="runs", help="parent of the run workdirs")
+  p.add_argument("--root", default="runs", help="parent of the run workdirs (gs://BUCKET/... works)")
   p.add_argument("--parallel", type=int, default=1, help="local: runs at once")
   p.add_argument("--python", default=sys.executable if sys.executable else "python")
   p.add_argument("--tpu", default="", help="pod: TPU VM name")
   p.add_argument("--zone", default="")
   p.add_argument("--project", default="")
   p.add_argument("--repo-dir", default="~/medcg", help="pod: the checkout on the workers")
+  p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
+                 help="local launcher, gs:// root: where each run's sweep.log is written before it is copied")
   p.add_argument("--collect", action="store_true", help="only gather finished runs into a table")
   p.add_argument("--out", default="", help="also write the collected table to OUT.md and OUT.json")
   a = p.parse_args(argv)
 
   if a.collect:
     table = collect(a.config, a.root)
-    print(table.get("markdown", json.dumps(table, indent=2)))
-    if a.out:
-      write_table(a.out, table)
+    found, total = len(table["runs"]), len(sweep_args(a.config))
+    where = fileio.join(fileio.absolute(a.root), config_stem(a.config))
+    print(f"{found} of {total} runs found under {where}", file=sys.stderr)
+    if not found:
+      return 1
+    _print_table(table, a.out)
     return 0
   if a.launcher == "pod" and not (a.tpu and a.zone):
     p.error("--launcher pod needs --tpu and --zone")
   on_pod = a.launcher == "pod" or (a.launcher == "print" and a.tpu)
+  if on_pod and not fileio.is_remote(a.root):
+    raise UserError(f"--root {a.root}: a pod's workers need one shared workdir (multi-host orbax checkpoints are "
+                    "written to a directory every host sees); use --root gs://BUCKET/...")
   python = ".venv/bin/python" if on_pod else a.python
   runs = plan(a.config, a.root, a.launcher, python=python, tpu=a.tpu, zone=a.zone, project=a.project,
               repo_dir=a.repo_dir)
@@ -158,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in runs:
       print(("# done: " if r["done"] else "") + shlex.join(r["cmd"]))
     return 0
+  # A pod's local paths are the workers' (not this machine's): only gs:// data is checked from here.
+  check_data(a.config, runs, check_local=a.launcher == "local")
   if a.launcher == "pod":
     for r in runs:  # pods run one job at a time across all workers
       if r["done"]:
@@ -168,13 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run {r['arg']} failed with exit code {rc}", file=sys.stderr)
         return rc
     return 0
-  failed = [(arg, rc) for arg, rc in run_local(runs, a.parallel) if rc]
+  failed = [(arg, rc) for arg, rc in run_local(runs, a.parallel, a.log_dir) if rc]
+  logs = {r["arg"]: local_log(r["workdir"], a.log_dir) for r in runs}
   for arg, rc in failed:
-    print(f"run {arg} failed with exit code {rc}; see its sweep.log", file=sys.stderr)
-  table = collect(a.config, a.root)
-  print(table.get("markdown", json.dumps(table, indent=2)))
-  if a.out:
-    write_table(a.out, table)
+    print(f"run {arg} failed with exit code {rc}; see {logs[arg]}", file=sys.stderr)
+  _print_table(collect(a.config, a.root), a.out)
   return 1 if failed else 0
 
 

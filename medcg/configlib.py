@@ -106,8 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh axes (-1 fills the rest); num_devices > 0 uses only the first N devices (tests, debugging).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
 
+  # Checkpoints at the end, on SIGTERM / Ctrl-C, and periodically: every `every_minutes` of training (time, so
+  # one setting suits a tiny CPU run and a 7B pod run) and/or every `every` steps (0 = off).
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every=0,                  # steps; 0 = only at the end (and on SIGTERM)
+      every=0,
+      every_minutes=30.0,
       keep=2, keep_best=1, best_metric="eval/accuracy", best_mode="max", async_save=True))
 
   c.eval = ml_collections.ConfigDict(dict(

@@ -10,7 +10,9 @@
 4. prints the CG table with the paper's numbers beside it and writes it to WORKDIR/demo.md.
 
 Finished arms are skipped (a re-run resumes); each arm's workdir holds its checkpoints, metrics, TensorBoard
-events, samples.jsonl and results.json.
+events, samples.jsonl and results.json. Before the first arm starts, the shards are checked against every arm's
+config (`medcg.preflight`): shards built for other sizes fail in seconds, naming what is short and the commands
+that rebuild it. `--workdir` may be gs://BUCKET/... (the data dirs stay local).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import sys
 import time
 
 from configs import common
+from medcg import fileio
+from medcg.errors import UserError, one_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join("configs", "demo.py")
@@ -48,13 +52,11 @@ def ensure_shards(raw_dir: str, shards_dir: str, *, image_size: int, per_subset:
 
 def noise_note(runs) -> str:
   """How large a gap the test split can resolve: one accuracy's binomial standard error at 50 %."""
-  import json
   n = 0
   for r in runs:
-    path = os.path.join(r["workdir"], "results.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        n = json.load(f)["overall"]["n"]
+    path = fileio.join(r["workdir"], "results.json")
+    if fileio.exists(path):
+      n = fileio.read_json(path)["overall"]["n"]
       break
   if not n:
     return ""
@@ -75,19 +77,38 @@ def main(argv=None) -> int:
   p.add_argument("--epochs", type=int, default=0, help="0: the recipe's")
   a = p.parse_args(argv)
   # Paths given relative to the caller's directory; the sweep runs from the repository root.
-  a.workdir, a.data_dir, a.shards = (os.path.abspath(x) for x in (a.workdir, a.data_dir, a.shards))
+  a.workdir = fileio.absolute(a.workdir)
+  a.data_dir, a.shards = os.path.abspath(a.data_dir), os.path.abspath(a.shards)
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
     return _run(a)
+  except UserError as e:  # the user's to fix (data, paths): the message, no traceback
+    print(f"[demo] error: {one_line(e)}", file=sys.stderr)
+    return 1
   finally:
     os.chdir(cwd)
+
+
+def check_data(base: str, a) -> None:
+  """Every arm's data before any arm starts (the tokenizer is left out: the demo trains it next)."""
+  from configs import demo as demo_config
+  from experiments import sweep
+  from medcg import preflight
+  configs = {arg: demo_config.get_config(arg) for arg in sweep.sweep_args(base)}
+  preflight.check_all(configs, tokenizer=False, synth_src=a.data_dir, synth_test=a.synth_test)
 
 
 def _run(a) -> int:
   t0 = time.time()
   ensure_shards(a.data_dir, a.shards, image_size=common.SYNTH_IMAGE_SIZE, per_subset=a.synth_train,
                 test_per_subset=a.synth_test, seed=0, fmt=a.format)
+  # Run args that differ from configs/demo.py's defaults travel in the sweep's base arg.
+  extra = dict(shards=(a.shards, os.path.join(REPO, common.SYNTH_SHARDS)),
+               synth_train=(a.synth_train, common.SYNTH_TRAIN), synth_test=(a.synth_test, common.SYNTH_TEST),
+               epochs=(a.epochs, 0))
+  base = f"{DEMO_CONFIG}:seeds={a.seeds}" + "".join(f",{k}={v}" for k, (v, d) in extra.items() if v != d)
+  check_data(base, a)
   tok = common.corpus_tokenizer_path(a.shards)
   if not os.path.exists(tok):
     from medcg.data.__main__ import build_corpus_tokenizer
@@ -96,11 +117,6 @@ def _run(a) -> int:
   print(f"[demo] data ready after {time.time() - t0:.0f} s", flush=True)
 
   from experiments import sweep
-  # Run args that differ from configs/demo.py's defaults travel in the sweep's base arg.
-  extra = dict(shards=(a.shards, os.path.join(REPO, common.SYNTH_SHARDS)),
-               synth_train=(a.synth_train, common.SYNTH_TRAIN), synth_test=(a.synth_test, common.SYNTH_TEST),
-               epochs=(a.epochs, 0))
-  base = f"{DEMO_CONFIG}:seeds={a.seeds}" + "".join(f",{k}={v}" for k, (v, d) in extra.items() if v != d)
   runs = sweep.plan(base, a.workdir, "local", python=sys.executable)
   for r in runs:
     state = "done" if r["done"] else "training" if "arm=baseline," not in r["arg"] + "," else "evaluating"
@@ -109,16 +125,15 @@ def _run(a) -> int:
       t = time.time()
       (arg, rc), = sweep.run_local([r], parallel=1)
       if rc:
-        print(f"[demo] {arg} failed (exit {rc}); see {r['workdir']}/sweep.log", file=sys.stderr)
+        print(f"[demo] {arg} failed (exit {rc}); see {sweep.local_log(r['workdir'])}", file=sys.stderr)
         return rc
       print(f"[demo]   finished in {time.time() - t:.0f} s", flush=True)
   table = sweep.collect(base, a.workdir)
   text = table.get("markdown", "") + "\n\n" + noise_note(runs)
-  os.makedirs(a.workdir, exist_ok=True)
-  with open(os.path.join(a.workdir, "demo.md"), "w") as f:
-    f.write(text + "\n")
+  out = fileio.join(a.workdir, "demo.md")
+  fileio.atomic_write_text(out, text + "\n")
   print(text)
-  print(f"[demo] total {time.time() - t0:.0f} s; table in {os.path.join(a.workdir, 'demo.md')}")
+  print(f"[demo] total {time.time() - t0:.0f} s; table in {out}")
   return 0
 
 

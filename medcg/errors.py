@@ -14,3 +14,7 @@ def one_line(e: BaseException) -> str:
   """The message of `e` for a command line: its text, the exception's name only if it has none."""
   text = str(e).strip()
   return text or type(e).__name__
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work (named by its dotted key)."""

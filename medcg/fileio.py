@@ -171,25 +171,27 @@ def copy_tree(src: PathLike, dst: PathLike, *, skip: Callable[[str], bool] | Non
 # Logs that grow: JSON lines kept in memory and rewritten whole.
 # ------------------------------------------------------------------------------------------------------
 class JsonlLog:
-  """A JSON-lines file of rows with a "step", rewritten atomically rather than appended to.
+  """A JSON-lines file of rows with a "step", in which a restarted run leaves each step once.
 
-  Object stores cannot append, and a run that restarts from a checkpoint must not keep the rows of steps it
-  is about to run again: `JsonlLog(p, keep_through=step)` drops the rows after `step` (the restored step), so
-  each step appears once. `flush()` rewrites the file; `append(row, flush=False)` leaves that to the caller
-  (e.g. at checkpoints), which is how a long run keeps remote writes infrequent.
+  `JsonlLog(p, keep_through=step)` drops the rows an earlier attempt wrote after `step` (the step it resumes
+  from) and a torn last line, rewriting the file once. Then a local file is appended to line by line (each
+  line is flushed, so a crash loses at most the line being written); an object store cannot append, so there
+  the rows are kept in memory and the whole object is rewritten on `flush()`, which the caller spaces out
+  (e.g. every half minute and at checkpoints).
   """
 
   def __init__(self, p: PathLike, keep_through: int | None = None):
     self.path = path(p)
+    self.remote = is_remote(p)
     self.rows: list[dict[str, Any]] = []
     self._dirty = False
     if self.path.exists():
-      for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+      for line in self.path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
           continue
         try:
           row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of an older medcg that appended: drop it
+        except json.JSONDecodeError:  # the line a crash tore
           self._dirty = True
           continue
         if keep_through is not None and int(row.get("step", 0)) > keep_through:
@@ -197,22 +199,23 @@ class JsonlLog:
           continue
         self.rows.append(row)
     if self._dirty:
-      self.flush()
+      self._rewrite()
 
   def append(self, row: dict[str, Any], flush: bool = True) -> None:
     self.rows.append(row)
-    self._dirty = True
-    if flush:
-      self.flush()
-
-  def extend(self, rows: Iterable[dict[str, Any]], flush: bool = True) -> None:
-    for row in rows:
-      self.append(row, flush=False)
-    if flush:
-      self.flush()
+    if self.remote:
+      self._dirty = True
+      if flush:
+        self.flush()
+      return
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.path))), exist_ok=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row, default=str) + "\n")
 
   def flush(self) -> None:
-    if not self._dirty:
-      return
+    if self._dirty:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
     atomic_write_text(self.path, "".join(json.dumps(r, default=str) + "\n" for r in self.rows))
     self._dirty = False

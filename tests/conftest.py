@@ -38,10 +38,33 @@ def synth_shards(tmp_path_factory) -> str:
 FAKE_GCS_BUCKET = "medcg-test"
 
 
+def _add_generation_headers() -> None:
+  """Real GCS sends an object's generation with its bytes (x-goog-generation); tensorstore's GCS driver needs it
+  (orbax's OCDBT manifests are read and rewritten by generation). The emulator omits it: add it to downloads."""
+  from gcp_storage_emulator import server as srv
+  from gcp_storage_emulator.handlers import objects
+
+  def with_generation(fn):
+    def handler(request, response, storage, *args, **kwargs):
+      fn(request, response, storage, *args, **kwargs)
+      if response.status.value in (200, 206):
+        try:
+          obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # not an object request, or it vanished meanwhile
+          return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    return handler
+
+  wrapped = {objects.download: with_generation(objects.download), objects.get: with_generation(objects.get)}
+  srv.HANDLERS = tuple((regex, {m: wrapped.get(f, f) for m, f in methods.items()}) for regex, methods in srv.HANDLERS)
+
+
 @pytest.fixture(scope="session")
 def _fake_gcs_server(tmp_path_factory):
   import socket
   from gcp_storage_emulator.server import create_server
+  _add_generation_headers()
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -268,9 +268,9 @@ def test_demo_is_table3_row_25():
   assert c.data.mixture == [(5, "train", 600), (28, "train", 600)]
 
 
-def test_sweep_print_for_a_pod(tmp_path, capsys):
+def test_sweep_print_for_a_pod(_fake_gcs_server, capsys):
   from experiments import sweep
-  root = str(tmp_path / "runs")
+  root = "gs://medcg-none/runs"  # a pod's workdirs are on a store every host sees; the done check looks there
   argv = ["--config", "configs/cg_table3.py", "--launcher", "print", "--tpu", "NAME", "--zone", "Z", "--root", root,
           "--repo-dir", "/home/me/medcg"]
   cwd = os.getcwd()

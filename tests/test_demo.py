@@ -1,5 +1,6 @@
 """The main job end to end at a toy size: SynthMAT -> shards -> tokenizer -> three arms -> the CG table."""
 import os
+import time
 
 from medcg import demo
 
@@ -21,3 +22,19 @@ def test_demo_runs_all_arms_and_prints_the_table(tmp_path, capsys):
                     "--shards", str(tmp_path / "shards"), "--synth-train", "12", "--synth-test", "4",
                     "--epochs", "1"]) == 0
   assert capsys.readouterr().out.count(": done") >= 3
+
+
+def test_undersized_shards_fail_before_any_arm(synth_shards, tmp_path, capsys):
+  """Shards of 24 per subset when the recipe needs 600: one clear error in seconds, nothing trained or written."""
+  t = time.perf_counter()
+  rc = demo.main(["--workdir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "synthmat"),
+                  "--shards", synth_shards])
+  elapsed = time.perf_counter() - t
+  err = capsys.readouterr().err
+  assert rc == 1 and elapsed < 30, (rc, elapsed)
+  assert err.startswith("[demo] error: data not ready for 2 of 3 runs: ") and "Traceback" not in err
+  assert f"subset 05 split 'train': 600 needed (data.mixture[0]), 24 available in {synth_shards}" in err
+  assert (f"python -m medcg.data synth --out {tmp_path / 'synthmat'} --image-size 32 --per-subset 600 "
+          "--test-per-subset 60") in err
+  assert not (tmp_path / "runs").exists()                                  # no arm started
+  assert not os.path.exists(os.path.join(synth_shards, "tokenizer-bpe512.json"))  # nor the tokenizer trained

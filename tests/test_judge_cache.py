@@ -147,3 +147,32 @@ def test_identical_calls_are_sent_once(tmp_path):
   with open(tmp_path / "run" / "results.json") as f:
     board = {m["model"]: m["win"] for m in json.load(f)["leaderboard"]}
   assert board["cand-a"] == board["cand-a-twin"] and set(board) == {"cand-a", "cand-a-twin"}
+
+
+def test_a_gcs_cache_path_is_one_clear_error(tmp_path, gcs_root):
+  cfg = _config(tmp_path)
+  cfg.cache.path = f"{gcs_root}/judge_cache.sqlite"
+  with pytest.raises(cache_lib.JudgeCacheError, match=r"config cache.path='gs://.*SQLite needs a local path"):
+    launch.run_config(cfg, judge=_judge(CountingJudge()))
+  cfg = _config(gcs_root)  # a gs:// workdir: the default cache would be there too
+  with pytest.raises(cache_lib.JudgeCacheError, match=r"config cache.path is empty.*SQLite needs a local path"):
+    launch.run_config(cfg, judge=_judge(CountingJudge()))
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_outputs_and_answers_on_gcs(tmp_path, gcs_root):
+  from medcg import fileio
+  cfg = _config(f"{gcs_root}/judge")
+  cfg.cache.path = str(tmp_path / "judge_cache.sqlite")  # the cache stays local
+  cfg.answers.candidates = f"{gcs_root}/answers/answers_a.jsonl"
+  fileio.copy_file(os.path.join(FIXTURES, "answers_a.jsonl"), cfg.answers.candidates)
+  fn = CountingJudge()
+  paths = launch.run_config(cfg, judge=_judge(fn))
+  assert paths["results.json"] == f"{gcs_root}/judge/results.json" and len(fn.prompts) == 14
+  results = fileio.read_json(paths["results.json"])
+  assert [m["model"] for m in results["leaderboard"]] == ["cand-a"]
+  assert "# Judge leaderboard" in fileio.read_text(paths["leaderboard.md"])
+  assert len(fileio.read_text(paths["judgements.jsonl"]).splitlines()) == 7
+  again = CountingJudge()  # the local cache replays every judgement
+  launch.run_config(cfg, judge=_judge(again))
+  assert len(again.prompts) == 0

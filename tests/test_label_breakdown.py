@@ -50,3 +50,15 @@ def test_bad_lines_name_the_file_and_line(tmp_path):
 
 def test_no_runs_is_an_error(tmp_path):
   assert label_breakdown.main(["--config", os.path.join(REPO, "configs", "demo.py"), "--root", str(tmp_path)]) == 1
+
+
+def test_breakdown_on_a_gs_root(gcs_root):
+  from medcg import fileio
+  config = os.path.join(REPO, "configs", "demo.py")
+  arg = sweep.sweep_args(config)[-1]
+  workdir = sweep.workdir_for(gcs_root, config, arg)
+  rows = [_sample(0, ["Normal", "COVID-19"], "B", True), _sample(1, ["COVID-19", "Normal"], "B", False)]
+  fileio.atomic_write_text(f"{workdir}/eval/step_9/samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+  assert label_breakdown.main(["--config", config, "--root", gcs_root, "--out", f"{gcs_root}/tab"]) == 0
+  table = fileio.read_json(f"{gcs_root}/tab.json")[arg]
+  assert table["COVID-19"]["n"] == 1 and table["Normal"] == {"n": 1, "correct": 0, "accuracy": 0.0}

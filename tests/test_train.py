@@ -17,6 +17,7 @@ from flax import nnx
 
 from configs import models
 from medcg import configlib
+from medcg.errors import UserError
 from medcg.train import sharding as shd
 from medcg.train import trainer
 
@@ -150,7 +151,8 @@ def test_exact_resume_after_sigkill(synth_shards, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(synth_shards, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_checkpoint_and_exit_cleanly(synth_shards, tmp_path, sig):
   cfg_file = write_config_file(tmp_path / "cfg.py", synth_shards, {"train.steps": 10_000})
   wd = tmp_path / "run"
   proc = subprocess.Popen(train_cmd(cfg_file, str(wd)), env=env(), stdout=subprocess.DEVNULL,
@@ -160,9 +162,10 @@ def test_sigterm_checkpoints_and_exits_cleanly(synth_shards, tmp_path):
   while (not batches.exists() or len(batches.read_text().splitlines()) < 3) and time.time() < deadline:
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err.decode()[-3000:]
+  assert b"Traceback" not in err, err.decode()[-3000:]
   last = max(run_log(wd, "loss"))
   step, _ = final_params(wd)
   assert step == last and 3 <= step < 10_000
@@ -227,7 +230,7 @@ def test_bad_configs_name_the_field(synth_shards, tmp_path, change, message):
     for p in parents:
       node = node[p]
     node[leaf] = v
-  with pytest.raises((ValueError, FileNotFoundError, KeyError)) as e:
+  with pytest.raises((ValueError, FileNotFoundError, KeyError, UserError)) as e:
     trainer.train(c, str(tmp_path / "bad"))
   assert message in str(e.value)
 

@@ -4,6 +4,9 @@
   python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image-size 64
   python -m medcg.data inspect /data/medmat_shards [--json]
   python -m medcg.data tokenizer /data/medmat_shards --vocab-size 512   (BPE for from-scratch models)
+
+`convert --out`, `inspect` and `tokenizer` also take `gs://bucket/prefix` (`convert` builds in a local
+`--staging` directory and uploads, manifest.json last); `convert --src` and `synth --out` are local only.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import json
 import sys
 from typing import Any, Sequence
 
+from medcg import fileio
 from medcg import mat
 from medcg.data import features as features_lib
 from medcg.data import shards as shards_lib
+from medcg.errors import UserError, one_line
 
 
 def _subset_list(text: str) -> list[int]:
@@ -94,10 +99,9 @@ def corpus_texts(root: str):
 
 
 def build_corpus_tokenizer(root: str, vocab_size: int, out: str | None = None) -> str:
-  """Train (or reuse) DIR/tokenizer-bpe<V>.json on the dataset's prompts; returns its path."""
-  import os
+  """Train (or reuse) DIR/tokenizer-bpe<V>.json on the dataset's prompts; returns its path (local or gs://)."""
   from medcg.data import tokenizer as tok_lib
-  out = out or os.path.join(root, f"tokenizer-bpe{vocab_size}.json")
+  out = out or fileio.join(root, f"tokenizer-bpe{vocab_size}.json")
   tok_lib.train_corpus_tokenizer(corpus_texts(root), vocab_size, out)
   return out
 
@@ -129,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
   p.add_argument("--subsets", type=_subset_list, default=None, help="comma-separated ids (default: all found)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--staging", default=None,
+                 help="gs:// --out only: the local directory the shards are built in before the upload (default: "
+                      "one under the system temp dir named by a hash of --out, so a re-run resumes there)")
 
   p = sub.add_parser("inspect", help="print the manifest summary and one decoded example")
   p.add_argument("dir")
@@ -145,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = build_corpus_tokenizer(args.dir, args.vocab_size, args.out)
     print(f"wrote {out}")
   elif args.command == "synth":
+    if fileio.is_remote(args.out):
+      raise UserError(f"--out {args.out}: synth writes to a local directory only (convert reads a local --src)")
     from medcg.data import synthetic  # the SynthMAT generator
     synthetic.write_synthmat(args.out, image_size=args.image_size, per_subset=args.per_subset,
                              test_per_subset=args.test_per_subset, seed=args.seed, subsets=args.subsets,
@@ -152,12 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote SynthMAT to {args.out}")
   elif args.command == "convert":
     from medcg.data import tfds_builder  # imports tfds (and TensorFlow when writing TFRecord)
-    manifest = tfds_builder.convert(args.src, args.out, subsets=args.subsets, image_size=args.image_size,
-                                    shard_size=args.shard_size, fmt=args.format, on_error=args.on_error,
-                                    progress=not args.no_progress)
+    kwargs = dict(subsets=args.subsets, image_size=args.image_size, shard_size=args.shard_size, fmt=args.format,
+                  on_error=args.on_error, progress=not args.no_progress)
+    uploaded = None
+    if fileio.is_remote(args.out):
+      manifest, uploaded = tfds_builder.convert_remote(args.src, args.out, staging=args.staging, **kwargs)
+    else:
+      manifest = tfds_builder.convert(args.src, args.out, **kwargs)
     n = {split: sum(manifest.count(s, split) for s in manifest.subsets(split)) for split in shards_lib.SPLITS}
     print(f"converted {len(manifest.data['subsets'])} subsets to {args.out}: "
-          + ", ".join(f"{k} {v}" for k, v in n.items()))
+          + ", ".join(f"{k} {v}" for k, v in n.items())
+          + ("" if uploaded is None else f" ({len(uploaded)} files uploaded)"))
   else:
     manifest = shards_lib.Manifest.load(args.dir)
     if args.verify:
@@ -172,4 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except UserError as e:  # the user's mistake: one line, no traceback
+    print(f"medcg.data: error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)

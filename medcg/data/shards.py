@@ -12,22 +12,33 @@ record is one `pread`, which gives grain a `RandomAccessDataSource` and so exact
 global shuffles. Each read checks the TFRecord framing (length and masked crc32c of length and data),
 so a truncated or corrupt shard is reported with its file name and record index instead of yielding
 garbage. ArrayRecord shards are read with `grain.sources.ArrayRecordDataSource`.
+
+Object stores (`gs://`, through `medcg.fileio`). A manifest, its offset indexes and TFRecord shards read the
+same from `gs://bucket/shards` as from a local directory: a record is one ranged GET of exactly its bytes
+(a buffered file handle would read megabytes ahead of every randomly shuffled record), and `Manifest.load`
+checks every shard's size from one listing of the root instead of one request per file. ArrayRecord's reader
+opens local files only, so ArrayRecord shards on an object store are refused with a clear error.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import struct
+import threading
+from concurrent import futures
 from pathlib import Path
 from typing import Any, Sequence
 
 import google_crc32c
 import numpy as np
 
+from medcg import fileio
 from medcg import mat
+from medcg.errors import UserError
 
 MANIFEST = "manifest.json"
 PARTIAL_MANIFEST = "manifest.partial.json"
@@ -41,12 +52,36 @@ _FOOTER = 4    # uint32 masked crc32c of the data
 _MASK_DELTA = 0xA282EAD8
 
 
-class ShardError(IOError):
+class ShardError(UserError, IOError):
   """A shard file that is missing, truncated or corrupt; the message names the file and record."""
 
 
-class ManifestError(FileNotFoundError):
+class ManifestError(UserError, FileNotFoundError):
   """A dataset directory that is missing, incomplete (interrupted convert) or inconsistent."""
+
+
+def _root_path(root: str | os.PathLike) -> Path:
+  """pathlib for local roots (unchanged behaviour), an `epath.Path` for gs:// ones."""
+  return fileio.path(root) if fileio.is_remote(root) else Path(root)
+
+
+def _remote_fs(path: str):
+  """The fsspec filesystem of a remote path; fsspec hands each process its own instance (fork-safe)."""
+  import fsspec
+  fileio.path(path)  # one clear error when the backend package is missing
+  return fsspec.core.url_to_fs(path)[0]
+
+
+def remote_listing(root: str) -> dict[str, dict[str, Any]]:
+  """{full path: object info (size, crc32c, ...)} of every object under a remote root, in one listing."""
+  fs = _remote_fs(root)
+  prefix = root.split("://", 1)[0] + "://"
+  found = fs.find(root, detail=True)
+  return {(k if "://" in k else prefix + k): v for k, v in found.items() if v.get("type") != "directory"}
+
+
+def _remote_sizes(root: str) -> dict[str, int]:
+  return {k: int(v["size"]) for k, v in remote_listing(root).items()}
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -88,8 +123,10 @@ def scan_tfrecord(path: str | os.PathLike) -> np.ndarray:
   """Walks a TFRecord file, checking every record's framing; returns the record start offsets."""
   path = os.fspath(path)
   offsets = []
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  remote = fileio.is_remote(path)
+  with (fileio.path(path).open("rb") if remote else open(path, "rb")) as f:
+    size = f.seek(0, io.SEEK_END) if remote else os.path.getsize(path)
+    f.seek(0)
     pos = 0
     while pos < size:
       header = f.read(_HEADER)
@@ -108,22 +145,10 @@ def scan_tfrecord(path: str | os.PathLike) -> np.ndarray:
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
   """Hex sha256 of a file's contents."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with (fileio.path(path).open("rb") if fileio.is_remote(path) else open(path, "rb")) as f:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temp name in the same directory, fsyncs, then renames it into place."""
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False, sort_keys=False)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def subset_key(subset: int | str | mat.Subset) -> str:
@@ -145,17 +170,18 @@ class Manifest:
   """The `manifest.json` of a converted dataset: what is there, and where."""
 
   def __init__(self, root: str | os.PathLike, data: dict[str, Any]):
-    self.root = Path(root)
+    self.root = _root_path(root)
     self.data = data
 
   @classmethod
   def load(cls, root: str | os.PathLike, check_files: bool = True) -> "Manifest":
     """Reads `root/manifest.json`; refuses a missing, interrupted or inconsistent dataset.
 
-    With `check_files`, every listed shard must exist with the listed byte size (cheap `stat`s);
-    `verify()` also checks contents against the sha256 sums.
+    `root` is a local directory or a `gs://` prefix. With `check_files`, every listed shard must exist with
+    the listed byte size (cheap `stat`s; one listing on an object store); `verify()` also checks contents
+    against the sha256 sums.
     """
-    root = Path(root)
+    root = _root_path(root)
     path = root / MANIFEST
     if not path.exists():
       if (root / PARTIAL_MANIFEST).exists():
@@ -168,8 +194,7 @@ class Manifest:
       raise ManifestError(f"{root}: no {MANIFEST}; not a converted Med-MAT dataset "
                           "(run `python -m medcg.data convert --src ... --out ...`)")
     try:
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+      data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
       raise ManifestError(f"{path}: malformed JSON at line {e.lineno} col {e.colno}: {e.msg}") from e
     for key in ("medcg_manifest", "format", "image_size", "subsets"):
@@ -186,16 +211,23 @@ class Manifest:
     return manifest
 
   def _check_files(self) -> None:
+    if fileio.is_remote(self.root):
+      # One listing instead of a request per shard (thousands of shards on a full Med-MAT).
+      sizes = _remote_sizes(os.fspath(self.root))
+      size_of, has = sizes.get, sizes.__contains__
+    else:
+      size_of = lambda p: os.path.getsize(p) if os.path.exists(p) else None  # noqa: E731
+      has = os.path.exists
     for key, sub in self.data["subsets"].items():
       for split, info in sub["splits"].items():
         for shard in self.shards(key, split):
-          if not os.path.exists(shard.path):
+          size = size_of(shard.path)
+          if size is None:
             raise ManifestError(f"{self.root}: subset {key} {split}: shard {shard.path} is missing")
-          size = os.path.getsize(shard.path)
           if size != shard.bytes:
             raise ManifestError(f"{self.root}: subset {key} {split}: shard {shard.path} has {size} bytes, "
                                 f"the manifest says {shard.bytes} (truncated or replaced)")
-          if shard.offsets is not None and not os.path.exists(shard.offsets):
+          if shard.offsets is not None and not has(shard.offsets):
             raise ManifestError(f"{self.root}: subset {key} {split}: offset index {shard.offsets} is missing")
 
   # -- queries ---------------------------------------------------------------------------------------
@@ -259,7 +291,7 @@ class Manifest:
       out.append(Shard(str(self.root / s["file"]), int(s["count"]), int(s["bytes"]), s["sha256"], offsets))
     return out
 
-  def tfds_dir(self, subset: int | str | mat.Subset) -> Path:
+  def tfds_dir(self, subset: int | str | mat.Subset) -> Path:  # an epath.Path on gs://
     """The TFDS dataset directory of a subset (for `tfds.builder_from_directory`)."""
     return self.root / self._subset(subset)["dir"]
 
@@ -274,25 +306,42 @@ class Manifest:
             raise ShardError(f"{shard.path}: sha256 {digest} differs from the manifest's {shard.sha256}")
 
 
+def _load_offsets(path: str) -> np.ndarray:
+  if fileio.is_remote(path):
+    return np.load(io.BytesIO(fileio.path(path).read_bytes()), allow_pickle=False)
+  return np.load(path)
+
+
 class TFRecordSource:
   """Random access to the records of TFRecord shards through their offset indexes.
 
   A grain `RandomAccessDataSource`: `len(src)` records, `src[i]` is one serialized `tf.train.Example`.
-  Files are opened lazily per process (grain workers fork/spawn), and reads use `os.pread`, so one
-  source serves many threads.
+  Local files are opened lazily per process (grain workers fork/spawn) and read with `os.pread`; remote
+  shards (`gs://`) are read with one ranged GET per record through a filesystem resolved per process.
+  Neither keeps a file position, so one source serves many threads.
   """
 
   def __init__(self, shards: Sequence[Shard]):
     self._paths = [s.path for s in shards]
+    self._remote = [fileio.is_remote(p) for p in self._paths]
     self._starts: list[np.ndarray] = []
     self._ends: list[np.ndarray] = []
     for s in shards:
       if s.offsets is None:
         raise ShardError(f"{s.path}: no offset index recorded for this TFRecord shard")
+
+    def load(s: Shard) -> np.ndarray:
       try:
-        offsets = np.load(s.offsets)
+        return _load_offsets(s.offsets)
       except (OSError, ValueError) as e:
         raise ShardError(f"{s.offsets}: unreadable offset index for shard {s.path} ({e})") from e
+
+    if any(self._remote):  # one round trip per index: overlap them
+      with futures.ThreadPoolExecutor(max_workers=16) as pool:
+        loaded = list(pool.map(load, shards))
+    else:
+      loaded = [load(s) for s in shards]
+    for s, offsets in zip(shards, loaded):
       if offsets.ndim != 1 or len(offsets) != s.count:
         raise ShardError(f"{s.offsets}: offset index lists {offsets.size} records, the manifest says "
                          f"{s.count} for shard {s.path}")
@@ -300,6 +349,8 @@ class TFRecordSource:
       self._ends.append(np.append(offsets[1:], s.bytes).astype(np.int64))
     self._cum = np.cumsum([0] + [s.count for s in shards]).tolist()
     self._fds: dict[int, int] = {}
+    self._fs = None  # the fsspec filesystem of remote shards, per process
+    self._lock = threading.Lock()
     self._pid = os.getpid()
 
   def __len__(self) -> int:
@@ -314,9 +365,12 @@ class TFRecordSource:
     shard = bisect.bisect_right(self._cum, index) - 1
     return shard, index - self._cum[shard]
 
+  def _after_fork(self) -> None:
+    if self._pid != os.getpid():  # forked: never share descriptors or HTTP sessions with the parent
+      self._fds, self._fs, self._lock, self._pid = {}, None, threading.Lock(), os.getpid()
+
   def _fd(self, shard: int) -> int:
-    if self._pid != os.getpid():  # forked: never share descriptors with the parent
-      self._fds, self._pid = {}, os.getpid()
+    self._after_fork()
     fd = self._fds.get(shard)
     if fd is None:
       try:
@@ -329,8 +383,19 @@ class TFRecordSource:
   def __getitem__(self, index: int) -> bytes:
     shard, local = self._locate(int(index))
     start, end = int(self._starts[shard][local]), int(self._ends[shard][local])
-    buf = os.pread(self._fd(shard), end - start, start)
+    buf = self._read_remote(shard, start, end) if self._remote[shard] else os.pread(self._fd(shard), end - start, start)
     return _unframe(self._paths[shard], local, buf, end - start - _HEADER - _FOOTER)
+
+  def _read_remote(self, shard: int, start: int, end: int) -> bytes:
+    self._after_fork()
+    if self._fs is None:
+      with self._lock:
+        if self._fs is None:
+          self._fs = _remote_fs(self._paths[shard])
+    try:
+      return self._fs.cat_file(self._paths[shard], start=start, end=end)
+    except FileNotFoundError as e:
+      raise ShardError(f"{self._paths[shard]}: cannot read shard (not found)") from e
 
   def close(self) -> None:
     """Closes the open file descriptors (they reopen on the next read)."""
@@ -347,11 +412,13 @@ class TFRecordSource:
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_fds"] = {}
+    state["_fds"], state["_fs"] = {}, None
+    del state["_lock"]  # not picklable; a fresh one per process
     return state
 
   def __setstate__(self, state):
     self.__dict__.update(state)
+    self._lock = threading.Lock()
     self._pid = os.getpid()
 
   def __repr__(self) -> str:
@@ -364,6 +431,12 @@ class ArrayRecordSource:
   def __init__(self, shards: Sequence[Shard]):
     import grain  # deferred: only ArrayRecord users pay for the import
     self._paths = [s.path for s in shards]
+    remote = [p for p in self._paths if fileio.is_remote(p)]
+    if remote:
+      # array_record's reader opens local files only (a gs:// path is taken as a missing local file).
+      raise ShardError(f"{os.path.dirname(remote[0])}: ArrayRecord shards cannot be read from "
+                       f"{fileio.scheme(remote[0])}://; convert with the default `--format tfrecord` "
+                       "(readable from object stores), or copy the shards to a local disk")
     self._cum = np.cumsum([0] + [s.count for s in shards]).tolist()
     self._source = grain.sources.ArrayRecordDataSource(self._paths) if self._paths else None
     found = len(self._source) if self._source is not None else 0

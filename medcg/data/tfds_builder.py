@@ -14,6 +14,15 @@ Atomicity: each subset is built in `out/.tmp/` and moved into place with `os.rep
 subsets are recorded in `manifest.partial.json`; `manifest.json` (the only file readers trust) is
 written last. A re-run keeps subsets that are complete with identical settings and source files,
 and rebuilds the rest.
+
+Object stores. tfds, the TFRecord indexer and the in-place moves above need a local disk, so an `--out` on
+`gs://` is built exactly as a local one in a local staging directory (`--staging`; by default one under the
+system temp dir named by a hash of `--out`, so an interrupted convert resumes there) and then published:
+`manifest.partial.json` goes up first and any old `manifest.json` is deleted, files missing remotely or
+differing in size or crc32c are uploaded, files of subsets no longer converted are deleted, and
+`manifest.json` is written last. The manifest is what makes a dataset visible to readers (`Manifest.load`
+refuses a root without one), so they see the old dataset, "incomplete", or the new one, never a mix; a re-run
+with nothing changed uploads nothing. The source (`--src`) must be local.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,10 +48,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import medcg
+from medcg import fileio
 from medcg import mat
 from medcg.data import features as features_lib
 from medcg.data import medmat
 from medcg.data import shards as shards_lib
+from medcg.errors import UserError
 
 NAME = "med_mat"
 VERSION = "1.0.0"
@@ -317,12 +329,21 @@ def _previous_entries(out: Path) -> dict[str, dict[str, Any]]:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable[int | str] | None = None,
             image_size: int = DEFAULT_IMAGE_SIZE, shard_size: int = DEFAULT_SHARD_SIZE,
-            fmt: str = "tfrecord", on_error: str = "fail", progress: bool = True) -> shards_lib.Manifest:
+            fmt: str = "tfrecord", on_error: str = "fail", progress: bool = True,
+            staging: str | os.PathLike | None = None) -> shards_lib.Manifest:
   """Converts a Med-MAT root (real release or SynthMAT) into shards plus `manifest.json`.
 
   Subsets already complete in `out` with the same settings and identical source JSON are kept;
-  others are (re)built. Returns the loaded manifest.
+  others are (re)built. A remote `out` (gs://) is built in the local `staging` directory (default
+  `default_staging(out)`) and then published (module docstring); `staging` is unused for a local `out`.
+  Returns the loaded manifest.
   """
+  if fileio.is_remote(src):
+    raise UserError(f"--src {src}: convert reads the Med-MAT source from a local directory only; copy it "
+                    "to a local disk first (the output, --out, may be on gs://)")
+  if fileio.is_remote(out):
+    return convert_remote(src, out, staging=staging, subsets=subsets, image_size=image_size,
+                          shard_size=shard_size, fmt=fmt, on_error=on_error, progress=progress)[0]
   if fmt not in shards_lib.FORMATS:
     raise ValueError(f"--format must be one of {shards_lib.FORMATS}, not {fmt!r}")
   if on_error not in ("fail", "skip"):
@@ -353,7 +374,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable
     tfds.disable_progress_bar()
   out.mkdir(parents=True, exist_ok=True)
   shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # leftovers of an interrupted run
-  for leftover in out.glob(".manifest*.tmp-*"):
+  for leftover in out.glob(".manifest*.tmp*"):  # fileio's temp names (and older `.tmp-<pid>` ones)
     leftover.unlink()
   settings = _settings(fmt, image_size, shard_size, on_error)
   previous = _previous_entries(out)
@@ -379,7 +400,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable
   entries = dict(kept)
   if todo or stale or not (out / shards_lib.MANIFEST).exists():
     # Demote before touching any subset: readers must never see a manifest that is being changed.
-    shards_lib.write_json_atomic(out / shards_lib.PARTIAL_MANIFEST, header())
+    fileio.atomic_write_json(out / shards_lib.PARTIAL_MANIFEST, header())
     (out / shards_lib.MANIFEST).unlink(missing_ok=True)
     for key in stale:
       shutil.rmtree(out / NAME / config_name(int(key)), ignore_errors=True)
@@ -387,8 +408,92 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable
     for sid, sources in bar:
       bar.set_postfix_str(config_name(sid))
       entries[shards_lib.subset_key(sid)] = _build_subset(src, out, sid, available[sid], settings, sources)
-      shards_lib.write_json_atomic(out / shards_lib.PARTIAL_MANIFEST, header())
-    shards_lib.write_json_atomic(out / shards_lib.MANIFEST, header())
+      fileio.atomic_write_json(out / shards_lib.PARTIAL_MANIFEST, header())
+    fileio.atomic_write_json(out / shards_lib.MANIFEST, header())
     (out / shards_lib.PARTIAL_MANIFEST).unlink(missing_ok=True)
   shutil.rmtree(out / TMP_DIR, ignore_errors=True)
   return shards_lib.Manifest.load(out)
+
+
+# -- publishing to an object store ---------------------------------------------------------------------
+
+def default_staging(out: str | os.PathLike) -> str:
+  """The local build directory of a remote `out`: the same for every run with that `out`, so a re-run resumes."""
+  digest = hashlib.sha256(fileio.absolute(out).encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), f"medcg-convert-{digest}")
+
+
+def convert_remote(src: str | os.PathLike, out: str | os.PathLike, *, staging: str | os.PathLike | None = None,
+                   fmt: str = "tfrecord", **kwargs) -> tuple[shards_lib.Manifest, list[str]]:
+  """`convert` to a remote `out`: build in local `staging`, then `publish`; returns the manifest and the uploads."""
+  if fileio.is_remote(src):
+    raise UserError(f"--src {src}: convert reads the Med-MAT source from a local directory only; copy it "
+                    "to a local disk first (the output, --out, may be on gs://)")
+  if fmt == "array_record":
+    raise UserError(f"--out {out}: ArrayRecord shards cannot be read from {fileio.scheme(out)}:// (array_record "
+                    "opens local files only); use the default --format tfrecord, or a local --out")
+  staging = os.fspath(staging) if staging is not None else default_staging(out)
+  if fileio.is_remote(staging):
+    raise UserError(f"--staging {staging}: the staging directory must be on a local disk")
+  fileio.path(out)  # a missing backend package fails before the (long) build
+  logging.info("converting into the local staging directory %s, then publishing to %s", staging, out)
+  convert(src, staging, fmt=fmt, **kwargs)
+  uploaded = publish(staging, out)
+  return shards_lib.Manifest.load(out), uploaded
+
+
+def _crc32c_b64(path: Path) -> str:
+  """A file's crc32c as GCS reports it (base64 of the big-endian uint32)."""
+  import base64
+  import google_crc32c
+  crc = google_crc32c.Checksum()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 20):
+      crc.update(block)
+  return base64.b64encode(crc.digest()).decode()
+
+
+def _publishable(rel: str) -> bool:
+  """Files of a finished local conversion that belong on the remote (not temp files, not the manifests)."""
+  parts = Path(rel).parts
+  return not (parts[0] == TMP_DIR or rel in (shards_lib.MANIFEST, shards_lib.PARTIAL_MANIFEST)
+              or parts[-1].startswith(".manifest"))
+
+
+def publish(staging: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+  """Uploads the finished local conversion `staging` to the remote `out`; returns the paths uploaded.
+
+  Readers trust `manifest.json` only, so it is deleted before anything changes and written last (see the
+  module docstring); files already present with the same size and crc32c are not uploaded again.
+  """
+  staging, out = Path(staging), fileio.absolute(out).rstrip("/")
+  manifest_bytes = (staging / shards_lib.MANIFEST).read_bytes()  # raises if the local build is incomplete
+  remote = {k[len(out) + 1:]: v for k, v in shards_lib.remote_listing(out).items() if k.startswith(out + "/")}
+  checked: dict[str, bool] = {}
+
+  def same(rel: str) -> bool:
+    # Size alone would miss a rebuilt offset index (its size depends on the record count only).
+    if rel not in checked:
+      info, local = remote.get(rel), staging / rel
+      checked[rel] = (info is not None and int(info["size"]) == local.stat().st_size
+                      and info.get("crc32c") is not None and info["crc32c"] == _crc32c_b64(local))
+    return checked[rel]
+
+  local_files = {str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()}
+  local_files = {rel for rel in local_files if _publishable(rel)}
+  stale = sorted(rel for rel in remote if rel.startswith(NAME + "/") and rel not in local_files)
+  if (not stale and shards_lib.PARTIAL_MANIFEST not in remote and same(shards_lib.MANIFEST)
+      and all(same(rel) for rel in local_files)):
+    return []
+  out_p = fileio.path(out)
+  fileio.atomic_write_bytes(out_p / shards_lib.PARTIAL_MANIFEST, manifest_bytes)
+  if shards_lib.MANIFEST in remote:
+    (out_p / shards_lib.MANIFEST).unlink()
+  uploaded = fileio.copy_tree(staging, out, skip=lambda rel: not _publishable(rel) or same(rel))
+  for rel in stale:
+    (out_p / rel).unlink(missing_ok=True)
+  fileio.atomic_write_bytes(out_p / shards_lib.MANIFEST, manifest_bytes)
+  uploaded.append(shards_lib.MANIFEST)
+  (out_p / shards_lib.PARTIAL_MANIFEST).unlink(missing_ok=True)
+  logging.info("published %s to %s: %d files uploaded, %d stale deleted", staging, out, len(uploaded), len(stale))
+  return uploaded

@@ -4,6 +4,7 @@ The pipeline only needs `encode` (no special tokens), `decode` and five ids. The
 placeholder the VLM overwrites with projected image features; a pretrained vocabulary rarely has one,
 so when the named image token is missing it gets the first id past the vocabulary (`vocab_size` grows
 by one) and `encode` never produces it. All tokenizers pickle (grain worker processes need that).
+Tokenizer files may live on `gs://` (read whole through `medcg.fileio`, then parsed from memory).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import sentencepiece
 import tokenizers
+
+from medcg import fileio
 
 
 @runtime_checkable
@@ -70,10 +73,14 @@ class HFTokenizer:
   def __init__(self, tokenizer_json_path: str | os.PathLike, *, bos: int | str = "<s>",
                eos: int | str = "</s>", pad: int | str | None = None, image: int | str = "<image>"):
     self.path = os.fspath(tokenizer_json_path)
-    if not os.path.isfile(self.path):
+    remote = fileio.is_remote(self.path)
+    if not (fileio.path(self.path).is_file() if remote else os.path.isfile(self.path)):
       raise FileNotFoundError(f"HFTokenizer: tokenizer file not found: {self.path}")
     try:
-      self._tok = tokenizers.Tokenizer.from_file(self.path)
+      if remote:
+        self._tok = tokenizers.Tokenizer.from_str(fileio.read_text(self.path))
+      else:
+        self._tok = tokenizers.Tokenizer.from_file(self.path)
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file.
       raise ValueError(f"HFTokenizer: cannot read {self.path}: {e}") from e
     base_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -111,11 +118,15 @@ class SentencePieceTokenizer:
   def __init__(self, model_path: str | os.PathLike, *, bos: int | str | None = None,
                eos: int | str | None = None, pad: int | str | None = None, image: int | str = "<image>"):
     self.path = os.fspath(model_path)
-    if not os.path.isfile(self.path):
+    remote = fileio.is_remote(self.path)
+    if not (fileio.path(self.path).is_file() if remote else os.path.isfile(self.path)):
       raise FileNotFoundError(f"SentencePieceTokenizer: model file not found: {self.path}")
     self._sp = sentencepiece.SentencePieceProcessor()
     try:
-      self._sp.Load(self.path)
+      if remote:
+        self._sp.LoadFromSerializedProto(fileio.path(self.path).read_bytes())
+      else:
+        self._sp.Load(self.path)
     except (OSError, RuntimeError) as e:
       raise ValueError(f"SentencePieceTokenizer: cannot read {self.path}: {e}") from e
     size = self._sp.GetPieceSize()
@@ -187,7 +198,7 @@ def train_corpus_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os
   """A byte-level BPE `tokenizer.json` trained on `texts` (e.g. every prompt of a SynthMAT release).
 
   From-scratch models on CPU use it instead of raw bytes: a Med-MAT prompt is ~220 bytes but ~40 tokens
-  of a 512-token BPE, which makes the decoder several times cheaper. Written atomically.
+  of a 512-token BPE, which makes the decoder several times cheaper. Written atomically (local or gs://).
   """
   from tokenizers import decoders, models, pre_tokenizers, trainers
   tok = tokenizers.Tokenizer(models.BPE())
@@ -197,8 +208,5 @@ def train_corpus_tokenizer(texts: Iterable[str], vocab_size: int, path: str | os
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer)
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, tok.to_str(pretty=True))  # the bytes `tok.save(path)` writes
   return HFTokenizer(path, bos="<s>", eos="</s>", pad="<pad>", image="<image>")

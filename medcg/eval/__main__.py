@@ -11,7 +11,6 @@ run the same command on every worker (as `python -m medcg.train`).
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -61,15 +60,9 @@ def parse_mixture_flag(text: str) -> list[tuple[int, str, int]]:
 
 def latest_step(workdir: str) -> int | None:
   """The newest checkpoint step of a run, or None when it has none (an untrained arm)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    return None
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  from medcg import fileio
+  from medcg.train import checkpoint as ckpt_lib
+  return ckpt_lib.latest_step(fileio.join(workdir, "checkpoints"))
 
 
 def default_out(workdir: str, step: int, mode: str, mixture, config) -> str:
@@ -131,7 +124,6 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
     mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   if step is None:
     step = latest_step(workdir)
-  source = "initial" if step is None else "checkpoint"
   model, config = trainer.load_model_from_workdir(workdir, step=step, config=config, mesh=mesh)
   step = 0 if step is None else int(step)
   tokenizer = tok_lib.make_tokenizer(config.data.tokenizer)
@@ -140,7 +132,7 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
   out = out or default_out(workdir, step, mode, mixture, config)
   results = runner.evaluate(model, config, tokenizer, mixture=mixture, mode=mode, batch_size=batch_size,
                             out_dir=out, step=step, mesh=mesh, likelihood_target=likelihood_target,
-                            checkpoint={"workdir": os.path.abspath(workdir), "step": step, "source": source},
+                            checkpoint=runner.checkpoint_info(workdir, step, config),
                             progress=jax.process_index() == 0)
   return results, out
 
@@ -148,12 +140,17 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from medcg.errors import UserError, one_line
   from medcg.train import trainer
   trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
-  mixture = parse_mixture_flag(FLAGS.mixture) if FLAGS.mixture else None
-  results, out = run(FLAGS.workdir, step=FLAGS.step, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
-                     mixture=mixture, likelihood_target=FLAGS.likelihood_target, out=FLAGS.out)
+  try:
+    mixture = parse_mixture_flag(FLAGS.mixture) if FLAGS.mixture else None
+    results, out = run(FLAGS.workdir, step=FLAGS.step, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
+                       mixture=mixture, likelihood_target=FLAGS.likelihood_target, out=FLAGS.out)
+  except UserError as e:
+    print(f"medcg.eval: error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
   if jax.process_index() == 0:
     print_summary(results, out)
 

@@ -16,9 +16,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from medcg import fileio
 from medcg import mat
 from medcg.fileio import atomic_write_text  # noqa: F401 (re-exported)
 from medcg.eval import detection
@@ -216,15 +216,14 @@ def write_samples(path: str | os.PathLike, records: Iterable[SampleRecord]) -> N
 def read_samples(path: str | os.PathLike) -> list[SampleRecord]:
   """Reads a samples JSONL; a bad line raises naming the file and line number."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        d = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-      out.append(SampleRecord.from_dict(d, where=f"{path}:{lineno}"))
+  for lineno, line in enumerate(fileio.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      d = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+    out.append(SampleRecord.from_dict(d, where=f"{path}:{lineno}"))
   return out
 
 
@@ -238,7 +237,7 @@ def write_results(workdir: str | os.PathLike, records: Sequence[SampleRecord], c
   with their fingerprints so a table can say exactly which run and weights a number came from; pass a
   fingerprint explicitly (e.g. a hash of the checkpoint files) to use it instead of `fingerprint(...)`.
   """
-  workdir = Path(workdir)
+  workdir = fileio.path(workdir)
   results = aggregate(records)
   results["config"] = config
   results["config_fingerprint"] = config_fingerprint or fingerprint(config)
@@ -253,12 +252,11 @@ def write_results(workdir: str | os.PathLike, records: Sequence[SampleRecord], c
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
   """Reads a results.json (or the one inside a workdir)."""
-  path = Path(path)
+  path = fileio.path(path)
   if path.is_dir():
     path = path / RESULTS_FILE
   try:
-    with open(path, encoding="utf-8") as f:
-      results = json.load(f)
+    results = json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
   for key in ("overall", "per_subset"):

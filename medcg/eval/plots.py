@@ -22,18 +22,17 @@ from medcg.eval import report  # noqa: E402
 Results = Mapping[str, Any]
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _save(fig, path: str | os.PathLike):
+  """Renders to memory, then one atomic write (a local file or a gs:// object)."""
+  import io
+  from medcg import fileio
+  buf = io.BytesIO()
   try:
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
   finally:
     plt.close(fig)
-    if tmp.exists():
-      tmp.unlink()
-  return path
+  fileio.atomic_write_bytes(path, buf.getvalue())
+  return fileio.path(path)
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:

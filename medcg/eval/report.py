@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+
+from medcg import fileio
 from typing import Any, Mapping, Sequence
 
 from medcg import mat
@@ -205,6 +207,5 @@ def render(title: str, sections: Sequence[tuple[str, str]], meta: Mapping[str, A
 def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, str]],
                  meta: Mapping[str, Any] | None = None) -> Path:
   """Renders and writes a report atomically; returns its path."""
-  path = Path(path)
   metrics.atomic_write_text(path, render(title, sections, meta))
-  return path
+  return fileio.path(path)

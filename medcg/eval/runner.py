@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medcg import fileio
 from medcg import mat
 from medcg.data import pipeline
 from medcg.data import prompt as prompt_lib
@@ -293,7 +294,7 @@ def write_report(out_dir: str, results: Mapping[str, Any], meta: Mapping[str, An
   something."""
   if not results["overall"]["n"]:  # a detection-only evaluation: no accuracy tables
     sections = [("Detection (cIoU)", report.detection_table(results))]
-    report.write_report(os.path.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
+    report.write_report(fileio.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
     return
   sections = [("Summary", report.summary_table(results)),
               ("Per subset", report.subset_table({"ours": [results]})),
@@ -307,9 +308,9 @@ def write_report(out_dir: str, results: Mapping[str, Any], meta: Mapping[str, An
     sections.append(("Detection (cIoU)", report.detection_table(results)))
   if len(results["per_triplet"]) >= 2:
     from medcg.eval import plots  # matplotlib only when there is something to plot
-    plots.plot_heatmaps(os.path.join(out_dir, HEATMAP_FILE), results)
+    plots.plot_heatmaps(fileio.join(out_dir, HEATMAP_FILE), results)
     sections.append(("Modality x area", f"![accuracy by modality and area]({HEATMAP_FILE})"))
-  report.write_report(os.path.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
+  report.write_report(fileio.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
 
 
 def _config_dict(config) -> Any:
@@ -391,7 +392,15 @@ def mesh_from_config(config) -> jax.sharding.Mesh:
 
 def step_dir(workdir: str, step: int) -> str:
   """Where the evaluation of `step` goes: workdir/eval/step_<N>."""
-  return os.path.join(workdir, "eval", f"step_{int(step)}")
+  return fileio.join(workdir, "eval", f"step_{int(step)}")
+
+
+def checkpoint_info(workdir: str, step: int, config) -> dict[str, Any]:
+  """What a result's weights are, the same whoever evaluates them (the trainer's hook or medcg.eval): the
+  workdir, the step and where the step's parameters came from (medcg.train.trainer.params_source)."""
+  from medcg.train import trainer  # lazily: the trainer imports this module for its default hook
+  return {"workdir": fileio.absolute(workdir), "step": int(step),
+          "source": trainer.params_source(config, has_checkpoint=int(step) > 0)}
 
 
 def make_trainer_hook(config: ml_collections.ConfigDict, workdir: str, tokenizer,
@@ -410,10 +419,9 @@ def make_trainer_hook(config: ml_collections.ConfigDict, workdir: str, tokenizer
       return {}
     out_dir = step_dir(workdir, step)
     results = evaluate(model, config, tokenizer, mixture=config.data.eval_mixture, out_dir=out_dir, step=step,
-                       mesh=mesh, checkpoint={"workdir": os.path.abspath(workdir), "step": int(step)})
+                       mesh=mesh, checkpoint=checkpoint_info(workdir, step, config))
     if jax.process_index() == 0 and (final_step is None or int(step) == int(final_step)):
-      with open(os.path.join(out_dir, metrics.RESULTS_FILE), encoding="utf-8") as f:
-        metrics.atomic_write_text(os.path.join(workdir, metrics.RESULTS_FILE), f.read())
+      fileio.copy_file(fileio.join(out_dir, metrics.RESULTS_FILE), fileio.join(workdir, metrics.RESULTS_FILE))
     return flat_metrics(results)
 
   return evaluate_fn

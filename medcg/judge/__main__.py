@@ -1,11 +1,16 @@
 """CLI: `python -m medcg.judge --config configs/judge.py[:args] [--config.x=...] [--no-cache]`.
 
-Writes judgements.jsonl, results.json and leaderboard.md into `config.workdir`; judgements are cached
-in `<workdir>/judge_cache.sqlite`, so rerunning after a crash only sends what is missing.
+Writes judgements.jsonl, results.json and leaderboard.md into `config.workdir` (local or gs://); judgements
+are cached in `config.cache.path` (default `<workdir>/judge_cache.sqlite`; a local file, as SQLite needs), so
+rerunning after a crash only sends what is missing.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medcg import fileio
+from medcg.errors import UserError, one_line
 from medcg.judge import launch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Judge config file (configs/judge.py).",
@@ -17,10 +22,13 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value)
+  try:
+    paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value)
+  except UserError as e:  # the user's to fix (a config key, a path): the message, no traceback
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
   logging.info("leaderboard: %s", paths["leaderboard.md"])
-  with open(paths["leaderboard.md"], encoding="utf-8") as f:
-    print(f.read())
+  print(fileio.read_text(paths["leaderboard.md"]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ so a cached reply is replayed only for exactly the same call. Only parsed judgem
 replayed from a cache would make retrying useless). Each `put` commits at once, so a killed run keeps
 every judgement it finished; WAL mode lets readers and one writer share the file, and a lock makes a
 single `JudgeCache` safe to use from several threads.
+
+The cache stays on a local disk, even when the run's outputs go to gs://: SQLite needs file locks and
+in-place writes, which object stores do not have.
 """
 from __future__ import annotations
 
@@ -15,6 +18,21 @@ import os
 import sqlite3
 import threading
 import time
+
+from medcg import fileio
+from medcg.errors import UserError
+
+
+class JudgeCacheError(UserError):
+  """A judge cache path SQLite cannot use (a gs:// path)."""
+
+
+def check_local(path: str, key: str = "cache.path") -> None:
+  """A gs:// cache is one clear error naming the config key: SQLite needs a local file."""
+  if fileio.is_remote(path):
+    raise JudgeCacheError(f"config {key}={path!r}: the judge cache is an SQLite file, and SQLite needs a local "
+                          "path (file locks and in-place writes, which object stores lack); set "
+                          "--config.cache.path to a local file, e.g. runs/judge_cache.sqlite")
 
 
 def cache_key(**fields) -> str:
@@ -27,6 +45,7 @@ class JudgeCache:
   """SQLite judgement store: `get(key)` -> (raw text, label) or None; `put(key, raw, label)`."""
 
   def __init__(self, path: str):
+    check_local(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     self.path = path

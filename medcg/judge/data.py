@@ -10,7 +10,8 @@ Two sample sources share one `Sample` record:
 Answers of any model are JSONL (or an MLLM-Bench JSON list) keyed by sample id. Problems that concern
 a whole file (unreadable JSON, duplicate ids, mixed model ids) raise `JudgeDataError` naming the file
 and record; problems of one sample (no answer, no criteria, unreadable image) become `Skip` entries
-that the report lists, so nothing is dropped silently.
+that the report lists, so nothing is dropped silently. Every file (questions, criteria, answers, images)
+may be local or gs:// (`medcg.fileio`); Med-MAT release files are read by `medcg.data.medmat`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from medcg import fileio
 from medcg.data import medmat
 
 # Label spellings seen in MLLM-Bench's questions.json, mapped to one form before grouping.
@@ -80,22 +82,32 @@ def normalize_label(label: Any) -> str:
   return " ".join(_LABEL_TYPOS.get(w.lower(), w) for w in words)
 
 
-def _read_json(path: str) -> Any:
+def _read_text(path: str) -> str:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return fileio.read_text(path)
   except FileNotFoundError:
     raise JudgeDataError(f"{path}: file not found") from None
+
+
+def _read_json(path: str) -> Any:
+  try:
+    return json.loads(_read_text(path))
   except json.JSONDecodeError as e:
     raise JudgeDataError(f"{path}: not valid JSON ({e})") from None
 
 
+def _parent(path: str) -> str:
+  """The folder of a file, absolute (gs:// paths as they are)."""
+  return os.fspath(fileio.path(fileio.absolute(path)).parent)
+
+
 def _resolve_image(path: str, roots: Iterable[str]) -> str:
-  if os.path.isabs(path):
+  if os.path.isabs(path) or fileio.is_remote(path):
     return path
-  candidates = [os.path.normpath(os.path.join(root, path)) for root in roots]
+  candidates = [fileio.join(root, os.path.normpath(path)) if fileio.is_remote(root)
+                else os.path.normpath(os.path.join(root, path)) for root in roots]
   for c in candidates:
-    if os.path.exists(c):
+    if fileio.exists(c):
       return c
   return candidates[0]  # the load step reports it as unreadable, with this path
 
@@ -141,8 +153,8 @@ def load_mllm_bench(questions_path: str, criteria_path: str | None = None,
   if not isinstance(data, list):
     raise JudgeDataError(f"{questions_path}: expected a JSON list of questions")
   criteria = load_criteria(criteria_path) if criteria_path else {}
-  qdir = os.path.dirname(os.path.abspath(questions_path))
-  roots = [image_root] if image_root else [qdir, os.path.dirname(qdir)]
+  qdir = _parent(questions_path)
+  roots = [image_root] if image_root else [qdir, _parent(qdir)]
   samples, seen = [], set()
   for idx, rec in enumerate(data):
     where = f"{questions_path}: record {idx}"
@@ -207,18 +219,13 @@ def load_medmat_freeform(path: str, root: str | None = None) -> tuple[list[Sampl
 
 
 def _iter_jsonl(path: str):
-  try:
-    f = open(path, encoding="utf-8")
-  except FileNotFoundError:
-    raise JudgeDataError(f"{path}: file not found") from None
-  with f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        yield f"line {lineno}", json.loads(line)
-      except json.JSONDecodeError as e:
-        raise JudgeDataError(f"{path}: line {lineno}: not valid JSON ({e})") from None
+  for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      yield f"line {lineno}", json.loads(line)
+    except json.JSONDecodeError as e:
+      raise JudgeDataError(f"{path}: line {lineno}: not valid JSON ({e})") from None
 
 
 def _first(rec: dict, keys: tuple[str, ...]):
@@ -268,7 +275,7 @@ def load_answers(path: str, model: str | None = None) -> tuple[str, dict[str, An
     raise JudgeDataError(f"{path}: answers from several models {sorted(file_models)}; use one file per model")
   stem = os.path.splitext(os.path.basename(path))[0]
   if stem == "samples":  # medcg evaluation output: the run folder names the model
-    stem = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.basename(_parent(path))
   name = model or (file_models.pop() if file_models else stem)
   return name, {k: dataclasses.replace(a, model=name) for k, a in answers.items()}
 
@@ -279,8 +286,7 @@ def load_image(path: str) -> LoadedImage:
   Raises OSError (with the path) when the file is missing or not a decodable image.
   """
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = fileio.path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as img:
       fmt = img.format
       img.load()  # decode fully: a truncated file fails here, not at the judge

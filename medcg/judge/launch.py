@@ -1,4 +1,7 @@
-"""From a config to a finished judge run: load inputs, build the judge, run, write the outputs."""
+"""From a config to a finished judge run: load inputs, build the judge, run, write the outputs.
+
+Answer files, questions, criteria, images and the workdir may be local or gs://; the SQLite cache is local.
+"""
 from __future__ import annotations
 
 import json
@@ -10,9 +13,10 @@ from typing import Any
 
 import ml_collections
 
+from medcg import fileio
 from medcg.judge import data as data_lib
 from medcg.judge import report, runner
-from medcg.judge.cache import JudgeCache
+from medcg.judge.cache import JudgeCache, JudgeCacheError, check_local
 from medcg.judge.clients import HttpJudge
 from medcg.train import run_record  # git commit and package versions (no device is touched)
 
@@ -89,16 +93,28 @@ def make_judge(cfg: ml_collections.ConfigDict):
   raise ValueError(f"config judge.kind must be 'http' or 'local', got {cfg.kind!r}")
 
 
+def cache_path_for(config: ml_collections.ConfigDict) -> str:
+  """The SQLite cache file: `cache.path`, else `<workdir>/judge_cache.sqlite`; always local (SQLite needs it)."""
+  if config.cache.path:
+    check_local(config.cache.path)
+    return config.cache.path
+  if fileio.is_remote(config.workdir):
+    raise JudgeCacheError(f"config cache.path is empty, so the judge cache would be {config.workdir}/"
+                          "judge_cache.sqlite; the cache is an SQLite file, and SQLite needs a local path: with a "
+                          "gs:// workdir set --config.cache.path to a local file, e.g. runs/judge_cache.sqlite")
+  return os.path.join(config.workdir, "judge_cache.sqlite")
+
+
 def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge=None) -> dict[str, str]:
   """Runs the judge evaluation of `config` and writes its outputs; returns their paths.
 
   `judge` replaces the one the config describes (tests, or a judge built in a notebook).
   """
+  cache_path = cache_path_for(config)  # first: a bad cache path fails before anything loads
   samples, reader_skips = load_samples(config.data)
   reference, answers, models = load_all_answers(config.answers)
   judge = judge or make_judge(config.judge)
-  os.makedirs(config.workdir, exist_ok=True)
-  cache_path = config.cache.path or os.path.join(config.workdir, "judge_cache.sqlite")
+  fileio.makedirs(config.workdir)
   with JudgeCache(cache_path) as cache:
     out = runner.run_judging(samples, answers, reference, judge, cache, pairing=config.protocol.pairing,
                              require_criteria=config.data.require_criteria,

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from medcg import fileio
 from medcg.data import pipeline
 from medcg.data import prompt as prompt_lib
 from medcg.judge.clients import LocalJudge
@@ -131,9 +132,9 @@ def medcg_judge(cfg: ml_collections.ConfigDict) -> LocalJudge:
   from medcg.model import clip
 
   path = cfg.checkpoint
-  if path and os.path.isfile(os.path.join(path, "run.json")):
+  if path and fileio.exists(fileio.join(path, "run.json")):  # a medcg.train workdir, local or gs://
     return _run_judge(cfg, path)
-  if not path or not os.path.isfile(os.path.join(path, "config.json")):
+  if not path or not fileio.exists(fileio.join(path, "config.json")):
     raise ValueError(f"config judge.checkpoint={path!r}: expected a LLaVA safetensors checkpoint directory "
                      "(with config.json) or a medcg.train workdir (with run.json)")
   tokenizer = tok_lib.HFTokenizer(cfg.tokenizer or os.path.join(path, "tokenizer.json"))
@@ -155,4 +156,4 @@ def _run_judge(cfg: ml_collections.ConfigDict, workdir: str) -> LocalJudge:
   tokenizer = tok_lib.make_tokenizer(run_cfg.data.tokenizer)
   return vlm_judge(model, tokenizer, image_size=run_cfg.data.image_size, template=run_cfg.data.chat_template,
                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-                   name=os.path.basename(os.path.normpath(workdir)))
+                   name=os.path.basename(workdir.rstrip("/")))

@@ -1,8 +1,7 @@
-"""Judge run outputs: per-sample JSONL, results.json and a markdown leaderboard, written atomically."""
+"""Judge run outputs: per-sample JSONL, results.json and a markdown leaderboard, written atomically (local or gs://)."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from medcg import fileio
@@ -76,7 +75,7 @@ def write_outputs(workdir: str, out: RunOutput, judge_identity: str, judge_decod
                   config: Any = None, models: dict | None = None, reference: str | None = None,
                   run: dict | None = None) -> dict[str, str]:
   """Writes judgements.jsonl, results.json and leaderboard.md under `workdir`; returns their paths."""
-  paths = {name: os.path.join(workdir, name) for name in ("judgements.jsonl", "results.json", "leaderboard.md")}
+  paths = {name: fileio.join(workdir, name) for name in ("judgements.jsonl", "results.json", "leaderboard.md")}
   atomic_write(paths["judgements.jsonl"],
                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out.records))
   atomic_write(paths["results.json"],

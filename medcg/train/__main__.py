@@ -1,11 +1,22 @@
-"""python -m medcg.train --config configs/x.py[:args] --workdir DIR [--config.a.b=value ...]"""
+"""python -m medcg.train --config configs/x.py[:args] --workdir DIR [--overwrite] [--config.a.b=value ...]
+
+DIR may be local or gs://BUCKET/... (on a pod, the same gs:// workdir on every worker). Re-running the same
+command resumes; a workdir that holds another experiment is refused unless --overwrite. SIGTERM or Ctrl-C
+checkpoints at the next step and exits 0 (a second Ctrl-C aborts at once).
+"""
 from __future__ import annotations
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, run record. Re-using it resumes.")
+flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, run record. "
+                    "Re-using it resumes.")
+flags.DEFINE_bool("overwrite", False, "Delete what the workdir holds (another experiment's checkpoints, metrics, "
+                  "results) and start again.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host); 0 = single or from the environment.")
 flags.DEFINE_integer("process_id", -1, "This process's index for multi-process runs.")
@@ -17,13 +28,25 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax and grain log every step at INFO
     logging.set_verbosity(logging.WARNING)
+  from medcg.errors import UserError, one_line
   from medcg.train import trainer
-  trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  result = trainer.train(FLAGS.config, FLAGS.workdir)
+  try:
+    trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    result = trainer.train(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+  except UserError as e:
+    print(f"medcg.train: error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("medcg.train: aborted (second Ctrl-C); the last checkpoint is as it was", file=sys.stderr, flush=True)
+    os._exit(130)  # at once: background checkpoint and data threads are not waited for
   logging.info("finished at step %d%s; last metrics %s", result.step, " (preempted)" if result.preempted else "",
                result.metrics)
-  print(f"medcg.train: step {result.step}{' preempted' if result.preempted else ''} "
-        f"loss {result.losses[-1] if result.losses else float('nan'):.6f}")
+  loss = f"{result.losses[-1]:.6f}" if result.losses else "n/a (no step this attempt)"
+  if result.preempted:
+    print(f"medcg.train: stopped at step {result.step}, checkpointed; run the same command to resume "
+          f"(loss {loss})")
+  else:
+    print(f"medcg.train: step {result.step} loss {loss}")
 
 
 if __name__ == "__main__":

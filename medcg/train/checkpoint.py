@@ -6,7 +6,6 @@ commits a step atomically (a crashed save is never listed). Keep-last-N plus the
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -15,13 +14,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from medcg import fileio
+from medcg.errors import UserError
+
 
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with items "state" and "data"."""
 
   def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 0, best_metric: str | None = None,
                best_mode: str = "max", save_every: int = 0, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.absolute(directory)  # local or gs://: every host of a pod must see the same one
     policies: list = [ocm.LatestN(n=max(keep, 1))]
     self.best_metric = best_metric
     if keep_best and best_metric:
@@ -33,7 +35,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         create=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+    self.manager = ocp.CheckpointManager(fileio.path(self.directory), item_names=("state", "data"),
+                                         options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -70,15 +73,62 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> Any:
-  """`init_from` another run / evaluation: read just the params of its latest (or given) checkpoint."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
+class ParamMismatchError(UserError, ValueError):
+  """`init_from` names a run whose parameters do not fit this model."""
+
+
+def has_checkpoint(directory: str) -> bool:
+  """Whether `directory` (a run's checkpoints/) holds at least one committed checkpoint."""
+  return latest_step(directory) is not None
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest committed step in `directory`, None when there is none (or no directory)."""
+  d = fileio.path(directory)
+  if not d.exists() or not any(True for _ in d.iterdir()):
+    return None
+  mngr = ocp.CheckpointManager(fileio.path(fileio.absolute(directory)), item_names=("state", "data"))
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def check_param_shapes(directory: str, abstract_params: Any, step: int | None = None) -> int:
+  """Compares a checkpoint's stored param shapes with `abstract_params` from its metadata (no array is read,
+  nothing compiled); returns the step. Errors name the parameter path and both shapes."""
+  from medcg.train import optimizer as opt_lib
+  mngr = ocp.CheckpointManager(fileio.path(fileio.absolute(directory)),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()})
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
+      raise ParamMismatchError(f"{directory}: no checkpoint")
     if step not in mngr.all_steps():
-      raise FileNotFoundError(f"{directory}: no checkpoint at step {step}; have {list(mngr.all_steps())}")
+      raise ParamMismatchError(f"{directory}: no checkpoint at step {step}; have {list(mngr.all_steps())}")
+    meta = mngr.item_metadata(step)["state"]
+    stored = getattr(meta, "tree", meta)["params"]
+  finally:
+    mngr.close()
+  # Stored trees spell a Variable's leaf as a "value" key; the live tree as an attribute (dropped by param_path).
+  name = lambda p: opt_lib.param_path(p).removesuffix("/value")
+  have = {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+  want = {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  for name, shape in want.items():
+    if name not in have:
+      raise ParamMismatchError(f"{directory} step {step} has no parameter {name} {shape} that this model needs "
+                               f"(it has {len(have)} parameters)")
+    if have[name] != shape:
+      raise ParamMismatchError(f"{directory} step {step}: parameter {name} has shape {have[name]} there but "
+                               f"{shape} in this model")
+  return step
+
+
+def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+  """`init_from` another run / evaluation: read just the params of its latest (or given) checkpoint."""
+  step = check_param_shapes(directory, abstract_params, step)
+  mngr = ocp.CheckpointManager(fileio.path(fileio.absolute(directory)), item_names=("state", "data"))
+  try:
     target = {"params": abstract_params}
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

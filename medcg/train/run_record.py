@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -12,6 +11,7 @@ from typing import Any
 
 import jax
 
+from medcg import fileio
 from medcg.fileio import atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "numpy",
@@ -54,16 +54,24 @@ def device_info() -> dict[str, Any]:
   }
 
 
-def write_run_record(workdir: str, config) -> dict[str, Any]:
-  """config.json (resolved) and run.json (commit, versions, devices, argv) in the workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
-  record = {
+def write_run_record(workdir: str, config, *, resumed_from: int | None = None,
+                     changes: list | None = None) -> dict[str, Any]:
+  """config.json (resolved) and one more attempt in run.json: commit, versions, devices, argv, resumed step.
+
+  The history is kept (`medcg.train.provenance.record_attempt`), so a run that was restarted, extended or moved
+  to other hardware says so. `changes` are the config keys this attempt changed (see provenance.RESUMABLE).
+  """
+  from medcg.train import provenance
+  fileio.atomic_write_text(fileio.join(workdir, provenance.CONFIG_FILE),
+                           config.to_json_best_effort(indent=2, sort_keys=True))
+  attempt = {
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "git_commit": git_commit(),
       "packages": package_versions(),
       "devices": device_info(),
+      "host_count": jax.process_count(),
+      "resumed_from_step": resumed_from,
+      "config_changes": [{"key": k, "old": a, "new": b} for k, a, b in (changes or [])],
       "argv": sys.argv,
   }
-  atomic_write_json(os.path.join(workdir, "run.json"), record)
-  return record
+  return provenance.record_attempt(workdir, attempt)

@@ -10,10 +10,10 @@ data iterator at the same position.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -24,12 +24,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from medcg import fileio
+from medcg.errors import ConfigError, UserError
 from medcg.train import checkpoint as ckpt_lib
 from medcg.train import mfu as mfu_lib
 from medcg.train import optimizer as opt_lib
+from medcg.train import provenance
 from medcg.train import run_record
 from medcg.train import sharding as shd
 from medcg.train import step as step_lib
+from medcg.train import tb as tb_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,36 +45,110 @@ class TrainResult:
   step: int
   losses: list[float]            # per step, in order (this process's run only)
   metrics: dict[str, float]      # last step's metrics + final eval
-  preempted: bool = False
+  preempted: bool = False        # stopped by SIGTERM / Ctrl-C, checkpointed at `step`
   param_specs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # trained params' mesh axes per dim
 
 
-class _Preemption:
-  """SIGTERM (TPU VMs, schedulers) sets a flag; the loop checkpoints at the next step boundary and exits."""
+class _StopRequest:
+  """SIGTERM (TPU VMs, schedulers) and Ctrl-C set a flag; the loop checkpoints at the next step boundary and
+  exits cleanly. A second Ctrl-C aborts at once. Installed before the model is built, so a Ctrl-C during
+  compilation never interrupts XLA halfway (it is acted on after the first step)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self._old: dict[int, Any] = {}
+
+  def _handler(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt("second Ctrl-C: aborting without a checkpoint")
+    name = signal.Signals(signum).name
+    logging.warning("%s received: checkpointing at the next step boundary", name)
+    if jax.process_index() == 0:
+      print(f"medcg.train: {name}: checkpointing at the next step boundary"
+            f"{' (Ctrl-C again to abort now)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
+    self.requested = True
 
   def __enter__(self):
-    def handler(signum, frame):
-      logging.warning("SIGTERM received: checkpointing at the next step boundary")
-      self.requested = True
-    try:
-      self._old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread (e.g. a test harness): no handler
-      self._old = None
+    for sig in self.SIGNALS:
+      try:
+        self._old[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not in the main thread (e.g. a test harness): no handler
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
-  def any_host(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
+
+def _agree(stop: bool, due: bool) -> tuple[bool, bool]:
+  """Every host takes the same step-boundary decisions: stop if any host was signalled; save when process 0's
+  clock says a periodic checkpoint is due (clocks differ across hosts, and a save is collective)."""
+  if jax.process_count() == 1:
+    return stop, due
+  from jax.experimental import multihost_utils
+  flags = np.asarray(multihost_utils.process_allgather(np.array([stop, due])))
+  return bool(flags[:, 0].any()), bool(flags[0, 1])
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+    multihost_utils.sync_global_devices(name)
+
+
+class _RunLogs:
+  """metrics.jsonl (and batches.jsonl) plus TensorBoard events, written by process 0.
+
+  Rows and events an earlier attempt logged after the step this attempt resumes from are dropped (TensorBoard:
+  a purge at `keep_through + 1`), so each step appears once. The JSON-lines files are rewritten whole (object
+  stores cannot append) at most every `flush_secs`, and at every checkpoint and at exit.
+  """
+
+  def __init__(self, workdir: str, keep_through: int, log_batches: bool, flush_secs: float = 30.0):
+    self.enabled = jax.process_index() == 0
+    self.flush_secs = flush_secs
+    self._last_flush = time.monotonic()
+    if not self.enabled:
+      return
+    self.metrics = fileio.JsonlLog(fileio.join(workdir, "metrics.jsonl"), keep_through=keep_through)
+    self.batches = (fileio.JsonlLog(fileio.join(workdir, "batches.jsonl"), keep_through=keep_through)
+                    if log_batches else None)
+    self.tb = tb_lib.summary_writer(fileio.join(workdir, "tb"), purge_step=keep_through + 1)
+
+  def scalars(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    self.metrics.append({"step": step, **metrics}, flush=False)
+    self._maybe_flush()
+
+  def batch(self, step: int, loss: float, sample_ids) -> None:
+    if self.enabled and self.batches is not None:
+      self.batches.append({"step": step, "loss": loss, "sample_ids": [str(x) for x in sample_ids]}, flush=False)
+      self._maybe_flush()
+
+  def _maybe_flush(self) -> None:
+    if time.monotonic() - self._last_flush >= self.flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.enabled:
+      return
+    self.metrics.flush()
+    if self.batches is not None:
+      self.batches.flush()
+    self.tb.flush()
+    self._last_flush = time.monotonic()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.flush()
+      self.tb.close()
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -87,53 +165,136 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, 
     jax.distributed.initialize()
 
 
-def _metric_writer(workdir: str):
-  if jax.process_index() != 0:
-    return None
-  from tensorboardX import SummaryWriter
-  return SummaryWriter(os.path.join(workdir, "tb"))
-
-
 def validate_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """Checks that need no compilation: mesh vs devices, batch vs data parallelism, accumulation."""
-  mesh = shd.mesh_from_config(config.mesh)
+  """Checks that need no compilation: mesh vs devices, batch vs data parallelism, accumulation, init_from."""
+  try:
+    mesh = shd.mesh_from_config(config.mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   dp = shd.data_parallel_size(mesh)
   b = config.data.batch_size
   if b % dp:
-    raise ValueError(f"config.data.batch_size={b} is not divisible by the data-parallel size {dp} "
-                     f"(config.mesh={dict(mesh.shape)})")
+    raise ConfigError(f"config.data.batch_size={b} is not divisible by the data-parallel size {dp} "
+                      f"(config.mesh={dict(mesh.shape)})")
   if b % jax.process_count():
-    raise ValueError(f"config.data.batch_size={b} is not divisible by the {jax.process_count()} processes")
+    raise ConfigError(f"config.data.batch_size={b} is not divisible by the {jax.process_count()} processes")
   acc = config.train.accum_steps
   if acc < 1 or (b // dp) % acc:
-    raise ValueError(f"config.train.accum_steps={acc} must divide the per-shard batch {b // dp}")
+    raise ConfigError(f"config.train.accum_steps={acc} must divide the per-shard batch {b // dp}")
   if config.train.steps != 0 and not config.data.mixture:
-    raise ValueError("config.data.mixture is empty: nothing to train on (set config.train.steps=0 to only "
-                     "evaluate the untrained model)")
+    raise ConfigError("config.data.mixture is empty: nothing to train on (set config.train.steps=0 to only "
+                      "evaluate the untrained model)")
+  if config.checkpoint.get("every_minutes", 0) < 0 or config.checkpoint.every < 0:
+    raise ConfigError("config.checkpoint.every / every_minutes must be >= 0 (0 = off)")
+  if config.train.init_from and not ckpt_lib.has_checkpoint(_ckpt_dir(config.train.init_from)):
+    raise ConfigError(f"config.train.init_from={config.train.init_from}: no checkpoint in "
+                      f"{_ckpt_dir(config.train.init_from)} (train that run first)")
   return mesh
+
+
+def total_train_steps(config: ml_collections.ConfigDict) -> int:
+  """config.train.steps when >= 0, else epochs over the training mixture (0: an untrained arm)."""
+  if config.train.steps >= 0:
+    return int(config.train.steps)
+  n_train = sum(int(n) for _, _, n in config.data.mixture)
+  return max(n_train // config.data.batch_size, 1) * int(config.train.epochs)
+
+
+def _ckpt_dir(workdir: str) -> str:
+  return fileio.join(workdir, "checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model parts and initial parameters: one construction for the trainer, medcg.eval and the AOT tools.
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelParts:
+  """The abstract model split into trainable / frozen params / the rest, with their shardings on a mesh."""
+  graphdef: Any
+  make_model: Callable[[], Any]
+  trainable: Any
+  abstract: tuple[Any, Any, Any]    # params, frozen, rest (ShapeDtypeStructs)
+  shardings: tuple[Any, Any, Any]
+
+
+def model_parts(config, model_cfg, mesh) -> ModelParts:
+  from medcg.model import vlm as vlm_lib
+  trim_cfg = config.trim if config.trim.enabled else None
+  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
+  frozen_f = opt_lib.frozen_filter(config.train.freeze)
+  trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
+  abstract_model = nnx.eval_shape(make_model)
+  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
+  if config.train.freeze:
+    opt_lib.check_patterns_match(nnx.state(abstract_model, nnx.Param), config.train.freeze, "config.train.freeze")
+  abstract = (abs_params, abs_frozen, abs_rest)
+  return ModelParts(graphdef, make_model, trainable_f, abstract,
+                    tuple(shd.param_shardings(a, mesh) for a in abstract))
+
+
+def params_source(config, has_checkpoint: bool) -> str:
+  """Where a run's parameters at a step come from: its checkpoint, else what its trainer started from."""
+  if has_checkpoint:
+    return "checkpoint"
+  if config.train.init_from:
+    return f"init_from:{config.train.init_from}"
+  if config.train.init_from_hf:
+    return f"init_from_hf:{config.train.init_from_hf}"
+  return f"seeded init (seed {config.seed})"
+
+
+def initial_params(config, parts: ModelParts, mesh, *, with_init_from: bool = True):
+  """(params, frozen, rest) a run starts from: Hugging Face weights or the seeded init, then (with_init_from)
+  the trainable params of `config.train.init_from`'s latest checkpoint. Frozen params are never checkpointed:
+  they always come from here, in training and in evaluation alike."""
+  from medcg.model import vlm as vlm_lib
+  trim_cfg = config.trim if config.trim.enabled else None
+  if config.train.init_from_hf:
+    loaded = vlm_lib.load_llava(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
+                                trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
+    _, params, frozen, rest = nnx.split(loaded, parts.trainable, nnx.Param, ...)
+  else:
+    def init_all():
+      _, p, f, r = nnx.split(parts.make_model(), parts.trainable, nnx.Param, ...)
+      return p, f, r
+    params, frozen, rest = jax.jit(init_all, out_shardings=parts.shardings)()
+  if with_init_from and config.train.init_from:
+    params = ckpt_lib.restore_params_only(_ckpt_dir(config.train.init_from),
+                                          _abstract(parts.abstract[0], parts.shardings[0]))
+  return params, frozen, rest
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           evaluate_fn: Callable[..., dict[str, float]] | None = None,
-          fail_at_step: int = -1) -> TrainResult:
+          fail_at_step: int = -1, overwrite: bool = False) -> TrainResult:
   """Train per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  evaluate_fn(model, step) -> metrics is the evaluation hook; by default medcg.eval.runner evaluates
-  config.data.eval_mixture (writing workdir/eval/step_N/ and, at the last step, workdir/results.json).
-  fail_at_step injects a NaN loss at that step (tests of the NaN guard).
+  A workdir holding another experiment is refused before anything is written (medcg.train.provenance);
+  `overwrite` deletes it first. evaluate_fn(model, step) -> metrics is the evaluation hook; by default
+  medcg.eval.runner evaluates config.data.eval_mixture (writing workdir/eval/step_N/ and, at the last step,
+  workdir/results.json). fail_at_step injects a NaN loss at that step (tests of the NaN guard).
   """
+  with _StopRequest() as stop:
+    return _train(config, workdir, stop, evaluate_fn=evaluate_fn, fail_at_step=fail_at_step, overwrite=overwrite)
+
+
+def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, overwrite) -> TrainResult:
+  from medcg import preflight
   from medcg.data import pipeline
   from medcg.data import tokenizer as tok_lib
   from medcg.model import vlm as vlm_lib
 
   # --------------------------------------------------------------------------------------------------
-  # Set up: run record, logging.
+  # Checks before any write: the config, the data it reads, the workdir's experiment.
   # --------------------------------------------------------------------------------------------------
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fileio.absolute(workdir)
   mesh = validate_config(config)
-  if jax.process_index() == 0:
-    run_record.write_run_record(workdir, config)
-  writer = _metric_writer(workdir)
+  preflight.check_data(config)
+  changes = provenance.check_workdir(workdir, config, overwrite=overwrite)
+  if overwrite and jax.process_index() == 0:
+    provenance.clear_workdir(workdir)
+  _sync("medcg-workdir-ready")
+  fileio.makedirs(workdir)
   logging.info("mesh %s on %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.devices()[0].device_kind)
 
   # --------------------------------------------------------------------------------------------------
@@ -149,11 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # --------------------------------------------------------------------------------------------------
   n_image_tokens = vlm_lib.num_image_tokens(model_cfg, trim_cfg)
   data_cfg = pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens, training=True)
-  if config.train.steps >= 0:
-    total_steps = config.train.steps
-  else:
-    n_train = sum(int(n) for _, _, n in config.data.mixture)
-    total_steps = max(n_train // config.data.batch_size, 1) * config.train.epochs
+  total_steps = total_train_steps(config)
   train_iter = None
   if total_steps:
     train_iter = pipeline.make_train_iterator(data_cfg, tokenizer, seed=config.seed,
@@ -163,22 +320,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # --------------------------------------------------------------------------------------------------
   # Model & optimizer, created already sharded: eval_shape -> shardings from the rules -> jitted init.
   # --------------------------------------------------------------------------------------------------
-  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
-  abstract_model = nnx.eval_shape(make_model)
-  frozen_f = opt_lib.frozen_filter(config.train.freeze)
-  trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
-  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
-  if config.train.freeze:
-    opt_lib.check_patterns_match(nnx.state(abstract_model, nnx.Param), config.train.freeze, "config.train.freeze")
+  parts = model_parts(config, model_cfg, mesh)
+  graphdef = parts.graphdef
+  abs_params = parts.abstract[0]
+  params_sh, frozen_sh, rest_sh = parts.shardings
   tx, schedule = opt_lib.make_optimizer(config.train, abs_params, max(total_steps, 1))
-
-  params_sh = shd.param_shardings(abs_params, mesh)
-  frozen_sh = shd.param_shardings(abs_frozen, mesh)
-  rest_sh = shd.param_shardings(abs_rest, mesh)
-
-  def init_all():
-    _, p, f, r = nnx.split(make_model(), trainable_f, nnx.Param, ...)
-    return p, f, r
 
   with shd.use_mesh(mesh):
     abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -189,18 +335,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # ------------------------------------------------------------------------------------------------
     # Checkpoint: resume from this workdir, else init_from (HF or another run), else scratch.
     # ------------------------------------------------------------------------------------------------
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+    ckpt = ckpt_lib.Checkpointer(_ckpt_dir(workdir), keep=config.checkpoint.keep,
                                  keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
                                  best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
-    # Frozen params are not in our checkpoints: they come from the HF checkpoint or the seeded init.
-    if config.train.init_from_hf:
-      loaded = vlm_lib.load_llava(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
-                                  trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
-      _, params, frozen, rest = nnx.split(loaded, trainable_f, nnx.Param, ...)
-      del loaded
-    else:
-      params, frozen, rest = jax.jit(init_all, out_shardings=(params_sh, frozen_sh, rest_sh))()
-    if ckpt.latest_step() is not None:
+    resume_step = ckpt.latest_step()
+    if resume_step is None and config.train.init_from:  # shapes from metadata: fail before compiling anything
+      ckpt_lib.check_param_shapes(_ckpt_dir(config.train.init_from), abs_params)
+    if jax.process_index() == 0:
+      run_record.write_run_record(workdir, config, resumed_from=resume_step, changes=changes)
+    params, frozen, rest = initial_params(config, parts, mesh, with_init_from=resume_step is None)
+    if resume_step is not None:
       del params
       abstract_state = {
           "params": _abstract(abs_params, params_sh),
@@ -210,9 +354,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       state = ckpt.restore(abstract_state, train_iter)
       logging.info("resumed from step %d of %s", int(state["step"]), ckpt.directory)
     else:
-      if config.train.init_from:
-        params = ckpt_lib.restore_params_only(os.path.join(config.train.init_from, "checkpoints"),
-                                              _abstract(abs_params, params_sh))
       opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
       state = {"params": params, "opt_state": opt_state,
                "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
@@ -239,18 +380,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       return evaluate_fn(nnx.merge(graphdef, state["params"], frozen, rest), int(state["step"]))
 
     # ------------------------------------------------------------------------------------------------
-    # Train loop.
+    # Train loop: checkpoints at the end, periodically (time and/or steps), on SIGTERM / Ctrl-C.
     # ------------------------------------------------------------------------------------------------
     start = int(state["step"])
+    logs = _RunLogs(workdir, keep_through=start if total_steps else -1, log_batches=config.train.log_batches)
     losses: list[float] = []
     metrics: dict[str, float] = {}
     preempted = False
+    every_s = 60.0 * float(config.checkpoint.get("every_minutes", 0) or 0)
+    last_save = time.monotonic()
+
+    def save(step, state, eval_metrics=None):
+      nonlocal last_save
+      best_ok = eval_metrics and config.checkpoint.best_metric in eval_metrics
+      logs.flush()  # first: once the checkpoint commits, every row up to its step is already stored
+      ckpt.save(step, state, train_iter, metrics=eval_metrics if best_ok else None, force=True)
+      last_save = time.monotonic()
+
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=jax.process_index() != 0,
                dynamic_ncols=True)
-    with _Preemption() as preemption:
+    try:
       step = start
-      while step < total_steps:
+      if _agree(stop.requested, False)[0]:  # signalled during set-up: nothing new to save
+        preempted = True
+      while step < total_steps and not preempted:
         t0 = time.perf_counter()
         local = next(train_iter)
         batch = shd.global_batch(local, mesh)
@@ -267,10 +421,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
               f"(step {ckpt.latest_step()}) in {ckpt.directory} is untouched.")
         dt = time.perf_counter() - t0
         losses.append(loss)
-        if config.train.log_batches and jax.process_index() == 0:
-          with open(os.path.join(workdir, "batches.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss,
-                                "sample_ids": [str(x) for x in np.asarray(local["sample_id"])]}) + "\n")
+        if config.train.log_batches:
+          logs.batch(step, loss, np.asarray(local["sample_id"]))
         if step % config.train.log_every == 0 or step == total_steps or step == start + 1:
           metrics = {k: float(v) for k, v in m.items()}
           metrics["step_time_s"] = dt
@@ -278,7 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           u = mfu_lib.mfu(flops_per_step, dt, jax.device_count())
           if u is not None:
             metrics["mfu"] = u
-          _write_metrics(writer, workdir, step, {f"train/{k}": v for k, v in metrics.items()})
+          logs.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
         bar.update(1)
         is_last = step == total_steps
@@ -287,22 +439,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         if eval_now:
           eval_metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
           if eval_metrics:
-            _write_metrics(writer, workdir, step, eval_metrics)
+            logs.scalars(step, eval_metrics)
             metrics.update(eval_metrics)
-        if preemption.any_host():
-          ckpt.save(step, state, train_iter, metrics=eval_metrics or None, force=True)
+        stop_now, due = _agree(stop.requested, bool(every_s) and time.monotonic() - last_save >= every_s)
+        if stop_now:
+          save(step, state, eval_metrics)
           preempted = True
           break
-        if is_last or (config.checkpoint.every and step % config.checkpoint.every == 0):
-          best_ok = config.checkpoint.best_metric in eval_metrics
-          ckpt.save(step, state, train_iter, metrics=eval_metrics if best_ok else None, force=True)
-    bar.close()
-    if total_steps == 0:  # an untrained arm (the paper's Baseline): evaluate the initial model only
-      metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
-      _write_metrics(writer, workdir, 0, metrics)
-    ckpt.close()
-  if writer is not None:
-    writer.close()
+        if is_last or due or (config.checkpoint.every and step % config.checkpoint.every == 0):
+          save(step, state, eval_metrics)
+      bar.close()
+      if total_steps == 0:  # an untrained arm (the paper's Baseline): evaluate the initial model only
+        metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
+        logs.scalars(0, metrics)
+    finally:
+      logs.close()
+      ckpt.close()
   specs = {opt_lib.param_path(p): tuple(x.sharding.spec)
            for p, x in jax.tree_util.tree_leaves_with_path(state["params"]) if hasattr(x, "sharding")}
   return TrainResult(step=step, losses=losses, metrics=metrics, preempted=preempted, param_specs=specs)
@@ -390,61 +542,44 @@ def _opt_shardings(abs_opt, params_sh, mesh):
   return jax.tree_util.tree_map_with_path(pick, abs_opt)
 
 
-def _write_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -> None:
-  if jax.process_index() != 0:
-    return
-  for k, v in metrics.items():
-    if writer is not None:
-      writer.add_scalar(k, v, step)
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-    f.write(json.dumps({"step": step, **metrics}) + "\n")
+class NotAWorkdirError(UserError, FileNotFoundError):
+  """A path that holds no medcg.train run, or a run that cannot be evaluated as it stands."""
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote to its workdir (config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a medcg.train workdir")
-  with open(path) as f:
-    try:
-      return ml_collections.ConfigDict(json.load(f))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: malformed JSON ({e})") from e
+  path = fileio.join(workdir, provenance.CONFIG_FILE)
+  if not fileio.exists(path):
+    raise NotAWorkdirError(f"{path} not found: {workdir} is not a medcg.train workdir")
+  return ml_collections.ConfigDict(fileio.read_json(path))
 
 
 def load_model_from_workdir(workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None,
                             mesh: jax.sharding.Mesh | None = None):
-  """(model, config) of a run: its trained params from the checkpoint of `step` (latest by default).
+  """(model, config) of a run, with exactly the parameters its trainer had at `step` (latest by default).
 
-  Frozen parameters are not checkpointed; they come back from the same source as in training (the
-  seeded init, or the Hugging Face checkpoint). A run with no checkpoint (an untrained arm) gives the
-  initial model.
+  The checkpoint when there is one; else what the trainer started from (`train.init_from`'s params,
+  `train.init_from_hf`'s weights, or the seeded init), which is only right for a run that never trains
+  (`train.steps == 0`, the untrained arm): a trained run without a checkpoint (stopped before its first one)
+  is an error naming the workdir. Frozen parameters are never checkpointed; they come from the same source as
+  in training.
   """
   from medcg.data import tokenizer as tok_lib
-  from medcg.model import vlm as vlm_lib
   config = config or load_run_config(workdir)
   mesh = mesh or shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  trim_cfg = config.trim if config.trim.enabled else None
+  ckpt_dir = _ckpt_dir(workdir)
+  has_ckpt = ckpt_lib.has_checkpoint(ckpt_dir)
+  if not has_ckpt and step is not None:
+    raise NotAWorkdirError(f"{workdir}: no checkpoint (asked for step {step})")
+  if not has_ckpt and total_train_steps(config) != 0:
+    raise NotAWorkdirError(
+        f"{workdir}: a trained run ({total_train_steps(config)} steps) with no checkpoint: it stopped before its "
+        f"first checkpoint, so there is nothing trained to evaluate. Re-run medcg.train with --workdir {workdir} "
+        "to train it.")
   model_cfg = model_config(config, tok_lib.make_tokenizer(config.data.tokenizer))
-  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
-  frozen_f = opt_lib.frozen_filter(config.train.freeze)
-  trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
-  abstract_model = nnx.eval_shape(make_model)
-  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
-  shardings = tuple(shd.param_shardings(s, mesh) for s in (abs_params, abs_frozen, abs_rest))
+  parts = model_parts(config, model_cfg, mesh)
   with shd.use_mesh(mesh):
-    if config.train.init_from_hf:
-      loaded = vlm_lib.load_llava(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
-                                  trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
-      _, params, frozen, rest = nnx.split(loaded, trainable_f, nnx.Param, ...)
-    else:
-      def init_all():
-        _, p, f, r = nnx.split(make_model(), trainable_f, nnx.Param, ...)
-        return p, f, r
-      params, frozen, rest = jax.jit(init_all, out_shardings=shardings)()
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-      params = ckpt_lib.restore_params_only(ckpt_dir, _abstract(abs_params, shardings[0]), step=step)
-    elif step is not None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint (asked for step {step})")
-  return nnx.merge(graphdef, params, frozen, rest), config
+    params, frozen, rest = initial_params(config, parts, mesh, with_init_from=not has_ckpt)
+    if has_ckpt:
+      params = ckpt_lib.restore_params_only(ckpt_dir, _abstract(parts.abstract[0], parts.shardings[0]), step=step)
+  return nnx.merge(parts.graphdef, params, frozen, rest), config
