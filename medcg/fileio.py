@@ -155,14 +155,14 @@ def copy_tree(src: PathLike, dst: PathLike, *, skip: Callable[[str], bool] | Non
 
   `skip(relative_path)` leaves a file out (e.g. one already at the destination).
   """
-  src_p = path(src)
+  bare = lambda p: os.fspath(p).partition("://")[2] if is_remote(p) else os.fspath(p)
   copied = []
-  for root, _, files in src_p.walk():
-    for name in sorted(files):
-      rel = os.path.relpath(os.fspath(path(root) / name), os.fspath(src_p))
+  for root, _, files in path(src).walk():
+    for name in sorted(files):  # fsspec walks give "bucket/dir" (no scheme): compare paths without it
+      rel = os.path.relpath(os.path.join(bare(root), name), bare(path(src)))
       if skip is not None and skip(rel):
         continue
-      copy_file(path(root) / name, path(dst) / rel)
+      copy_file(path(src) / rel, path(dst) / rel)
       copied.append(rel)
   return copied
 

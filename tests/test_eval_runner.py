@@ -210,7 +210,7 @@ def test_trainer_hook_wrote_results_and_returned_metrics(run_dir):
   workdir, config, result = run_dir
   latest = metrics.load_results(workdir)
   assert latest == metrics.load_results(runner.step_dir(workdir, 2))
-  assert latest["checkpoint"] == {"workdir": os.path.abspath(workdir), "step": 2}
+  assert latest["checkpoint"] == {"workdir": os.path.abspath(workdir), "step": 2, "source": "checkpoint"}
   assert latest["eval"]["mode"] == config.eval.mode
   m = result.metrics
   assert m["eval/accuracy"] == pytest.approx(latest["overall"]["accuracy"])

@@ -56,11 +56,10 @@ def test_allowed_changes_resume_and_the_run_record_keeps_every_attempt(synth_sha
 
 
 def test_overwrite_is_needed_and_deletes_the_old_run_whole(synth_shards, tmp_path):
-  cfg_a = write_config_file(tmp_path / "a.py", synth_shards, {"train.steps": 2, "mesh.num_devices": 1})
   cfg_b = write_config_file(tmp_path / "b.py", synth_shards, {"train.steps": 2, "mesh.num_devices": 1,
                                                                "train.lr": 5e-4})
   wd = tmp_path / "run"
-  subprocess.run(train_cmd(cfg_a, str(wd)), env=env(), check=True, capture_output=True, timeout=600)
+  _train(micro_config(synth_shards, steps=2), wd)
   r = subprocess.run(train_cmd(cfg_b, str(wd)), env=env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert "holds another experiment" in r.stderr and "train.lr" in r.stderr and "--overwrite" in r.stderr

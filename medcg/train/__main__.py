@@ -43,7 +43,7 @@ def main(argv):
                result.metrics)
   loss = f"{result.losses[-1]:.6f}" if result.losses else "n/a (no step this attempt)"
   if result.preempted:
-    print(f"medcg.train: stopped at step {result.step}, checkpointed; run the same command to resume "
+    print(f"medcg.train: stopped at step {result.step} (checkpointed when a step ran); the same command resumes "
           f"(loss {loss})")
   else:
     print(f"medcg.train: step {result.step} loss {loss}")

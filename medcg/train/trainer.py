@@ -287,6 +287,7 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
   # --------------------------------------------------------------------------------------------------
   # Checks before any write: the config, the data it reads, the workdir's experiment.
   # --------------------------------------------------------------------------------------------------
+  fileio.path(workdir)  # a gs:// workdir without its backend package fails first, naming the package
   workdir = fileio.absolute(workdir)
   mesh = validate_config(config)
   preflight.check_data(config)
