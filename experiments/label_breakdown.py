@@ -36,13 +36,7 @@ def true_label(sample: dict[str, Any]) -> str:
 def breakdown(samples_path: str) -> dict[str, dict[str, float]]:
   """{label: {"n", "correct", "accuracy"}} over one samples.jsonl."""
   out: dict[str, dict[str, float]] = {}
-  for i, line in enumerate(fileio.read_text(samples_path).splitlines()):
-    if not line.strip():
-      continue
-    try:
-      sample = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{samples_path}: line {i + 1} is not JSON ({e})") from e
+  for _, sample in fileio.read_jsonl(samples_path):
     if "answer" not in sample or "prompt" not in sample:
       continue  # detection rows have no options
     row = out.setdefault(true_label(sample), {"n": 0, "correct": 0})

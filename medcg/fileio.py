@@ -110,6 +110,18 @@ def read_json(p: PathLike) -> Any:
     raise ValueError(f"{os.fspath(p)}: malformed JSON ({e})") from e
 
 
+def read_jsonl(p: PathLike) -> list[tuple[int, Any]]:
+  """(line number, parsed row) for every non-blank line; a malformed line is a ValueError naming file and line."""
+  rows = []
+  for lineno, line in enumerate(read_text(p).splitlines(), 1):
+    if line.strip():
+      try:
+        rows.append((lineno, json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(p)}:{lineno}: not JSON ({e})") from None
+  return rows
+
+
 def makedirs(p: PathLike) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 

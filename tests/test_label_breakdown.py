@@ -41,7 +41,7 @@ def test_breakdown_per_true_label(tmp_path, capsys):
 def test_bad_lines_name_the_file_and_line(tmp_path):
   path = tmp_path / "samples.jsonl"
   path.write_text(json.dumps(_sample(0, ["a", "b"], "A", True)) + "\n{not json\n")
-  with pytest.raises(ValueError, match=r"samples.jsonl: line 2"):
+  with pytest.raises(ValueError, match=r"samples.jsonl:2: not JSON"):
     label_breakdown.breakdown(str(path))
   path.write_text(json.dumps(_sample(0, ["a", "b"], "C", True)) + "\n")
   with pytest.raises(ValueError, match="'s0'.*'C'"):

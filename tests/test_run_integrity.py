@@ -13,7 +13,7 @@ from medcg.eval import __main__ as eval_main
 from medcg.train import checkpoint as ckpt_lib
 from medcg.train import provenance
 from medcg.train import trainer
-from test_train import env, micro_config, train_cmd, write_config_file
+from test_train import env, micro_config, start_and_wait_for_steps, train_cmd, write_config_file
 
 
 def _train(c, wd, **kw):
@@ -173,13 +173,8 @@ def _tb_steps(logdir, tag="train/loss"):
 def test_restart_after_a_killed_attempt_without_checkpoint_logs_each_step_once(synth_shards, tmp_path):
   cfg = write_config_file(tmp_path / "cfg.py", synth_shards, {"train.steps": 6, "mesh.num_devices": 1})
   wd = tmp_path / "run"
-  proc = subprocess.Popen(train_cmd(cfg, str(wd)), env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = start_and_wait_for_steps(cfg, wd, 2)
   batches = wd / "batches.jsonl"
-  deadline = time.time() + 600
-  while (not batches.exists() or len(batches.read_text().splitlines()) < 2) and time.time() < deadline:
-    assert proc.poll() is None
-    time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert ckpt_lib.latest_step(str(wd / "checkpoints")) is None

@@ -163,18 +163,24 @@ def test_stop_request_handles_sigterm_and_ctrl_c_alike_and_a_second_ctrl_c_abort
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_ctrl_c_checkpoints_and_exits_cleanly(synth_shards, tmp_path, sig=signal.SIGINT):
+def start_and_wait_for_steps(cfg_file: str, workdir, n: int) -> subprocess.Popen:
+  """A trainer subprocess, returned once it has logged `n` steps to batches.jsonl (train.log_batches)."""
+  proc = subprocess.Popen(train_cmd(cfg_file, str(workdir)), env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  batches = workdir / "batches.jsonl"
+  deadline = time.time() + 600
+  while not batches.exists() or len(batches.read_text().splitlines()) < n:
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.02)
+  return proc
+
+
+def test_ctrl_c_checkpoints_and_exits_cleanly(synth_shards, tmp_path):
   """SIGINT in a real run (SIGTERM takes the same path: test above)."""
   cfg_file = write_config_file(tmp_path / "cfg.py", synth_shards, {"train.steps": 10_000})
   wd = tmp_path / "run"
-  proc = subprocess.Popen(train_cmd(cfg_file, str(wd)), env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
-  batches = wd / "batches.jsonl"
-  deadline = time.time() + 600
-  while (not batches.exists() or len(batches.read_text().splitlines()) < 3) and time.time() < deadline:
-    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-    time.sleep(0.05)
-  proc.send_signal(sig)
+  proc = start_and_wait_for_steps(cfg_file, wd, 3)
+  proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err.decode()[-3000:]
   assert b"Traceback" not in err, err.decode()[-3000:]

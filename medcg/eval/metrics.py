@@ -215,16 +215,7 @@ def write_samples(path: str | os.PathLike, records: Iterable[SampleRecord]) -> N
 
 def read_samples(path: str | os.PathLike) -> list[SampleRecord]:
   """Reads a samples JSONL; a bad line raises naming the file and line number."""
-  out = []
-  for lineno, line in enumerate(fileio.read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      d = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-    out.append(SampleRecord.from_dict(d, where=f"{path}:{lineno}"))
-  return out
+  return [SampleRecord.from_dict(d, where=f"{path}:{lineno}") for lineno, d in fileio.read_jsonl(path)]
 
 
 def write_results(workdir: str | os.PathLike, records: Sequence[SampleRecord], config: Any = None,
