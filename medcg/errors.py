@@ -18,3 +18,25 @@ def one_line(e: BaseException) -> str:
 
 class ConfigError(UserError, ValueError):
   """A config value that cannot work (named by its dotted key)."""
+
+
+# Packages whose exceptions mean the object store could not be reached or refused us (network, credentials,
+# permissions), as opposed to a bug: gcsfs and the Google auth / HTTP stacks under it.
+_STORE_ERROR_PACKAGES = ("aiohttp", "gcsfs", "google")
+
+
+def as_user_error(e: BaseException) -> UserError | None:
+  """`e` as a UserError to print in one line, or None when it is a bug (keep the traceback).
+
+  Object-store failures (DNS, refused connections, missing credentials, 403s), anywhere in the exception's
+  chain, become one line saying what failed and what to check.
+  """
+  seen = 0
+  while e is not None and seen < 8:
+    if isinstance(e, UserError):
+      return e
+    if type(e).__module__.split(".")[0] in _STORE_ERROR_PACKAGES:
+      return UserError(f"cannot use the object store: {type(e).__name__}: {one_line(e)} (check the network and "
+                       "the credentials: `gcloud auth application-default login`, or the VM's service account)")
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None

@@ -71,3 +71,22 @@ def test_jsonl_log_keeps_each_step_once_across_restarts(where, tmp_path, request
   assert [json.loads(x)["step"] for x in fileio.read_text(p).splitlines()] == [1, 2]  # rewritten at once
   resumed.append({"step": 3, "loss": 3.5})
   assert [json.loads(x) for x in fileio.read_text(p).splitlines()][-1] == {"step": 3, "loss": 3.5}
+
+
+def test_store_failures_become_one_line_and_bugs_do_not():
+  from medcg.errors import UserError, as_user_error
+
+  class ClientConnectorDNSError(OSError):  # what gcsfs raises, after its retries, when the store is unreachable
+    pass
+  ClientConnectorDNSError.__module__ = "aiohttp.client_exceptions"
+  try:
+    try:
+      raise ClientConnectorDNSError("Cannot connect to host storage.googleapis.com:443")
+    except OSError as inner:
+      raise RuntimeError("orbax: save failed") from inner  # wrapped on the way up
+  except RuntimeError as e:
+    err = as_user_error(e)
+  assert isinstance(err, UserError)
+  assert "storage.googleapis.com" in str(err) and "credentials" in str(err) and "\n" not in str(err)
+  assert as_user_error(KeyError("a bug")) is None
+  assert as_user_error(fileio.StorageError("x")) is not None
