@@ -23,8 +23,8 @@ ANSWER_SUFFIX = b"\nAnswer:"  # the "plain" template's text after the question
 
 @pytest.fixture
 def rng():
-  seed = int(np.random.SeedSequence().entropy % (2 ** 31))
-  print(f"seed={seed}")
+  seed = int(os.environ.get("MEDCG_TEST_SEED", np.random.SeedSequence().entropy % (2 ** 31)))
+  print(f"seed={seed} (MEDCG_TEST_SEED={seed} repeats it)")
   return np.random.default_rng(seed)
 
 
@@ -270,12 +270,17 @@ def test_generate_with_trim_equals_greedy_recomputation(rng):
                                      eos_ids=never, pad_id=PAD)
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
   seq = ids
+  diverged = np.zeros(batch, bool)
   for t in range(new):
     logits = np.asarray(model(images, jnp.asarray(seq), jnp.ones_like(jnp.asarray(seq)), text_ids))
     greedy = logits[:, -1].argmax(-1).astype(np.int32)
-    live = t < lengths
+    live = (t < lengths) & ~diverged
     np.testing.assert_array_equal(tokens[live, t], greedy[live])
-    seq = np.concatenate([seq, greedy[:, None]], axis=1)
+    # A random model may emit the image placeholder; fed back, it would be one placeholder too many for the
+    # forward pass, so such a row is compared no further (generation itself never re-reads its output as image).
+    placeholder = greedy == model.image_token_id
+    diverged |= placeholder
+    seq = np.concatenate([seq, np.where(placeholder, PAD, greedy)[:, None]], axis=1)
 
 
 def test_pipeline_clip_tokenizer_from_tokenizer_json(tmp_path):
