@@ -45,7 +45,7 @@ class TrainResult:
   step: int
   losses: list[float]            # per step, in order (this process's run only)
   metrics: dict[str, float]      # last step's metrics + final eval
-  preempted: bool = False        # stopped by SIGTERM / Ctrl-C, checkpointed at `step`
+  preempted: bool = False        # stopped by SIGTERM / Ctrl-C (checkpointed at `step` if a step ran)
   param_specs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # trained params' mesh axes per dim
 
 
