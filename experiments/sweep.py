@@ -31,7 +31,7 @@ import sys
 from typing import Any, Sequence
 
 from medcg import fileio
-from medcg.errors import UserError, as_user_error, one_line
+from medcg.errors import UserError, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LOG_DIR = os.path.join("runs", "sweep-logs")
@@ -182,9 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return _main(argv)
   except Exception as e:  # the user's to fix (flags, data, storage): one message, no traceback
-    if (err := as_user_error(e)) is None:
+    if not report(e, "error"):
       raise
-    print(f"error: {one_line(err)}", file=sys.stderr)
     return 2
 
 

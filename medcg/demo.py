@@ -23,7 +23,7 @@ import time
 
 from configs import common
 from medcg import fileio
-from medcg.errors import as_user_error, one_line
+from medcg.errors import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join("configs", "demo.py")
@@ -84,9 +84,8 @@ def main(argv=None) -> int:
   try:
     return _run(a)
   except Exception as e:  # the user's to fix (data, paths, storage): the message, no traceback
-    if (err := as_user_error(e)) is None:
+    if not report(e, "[demo] error"):
       raise
-    print(f"[demo] error: {one_line(err)}", file=sys.stderr)
     return 1
   finally:
     os.chdir(cwd)

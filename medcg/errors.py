@@ -5,6 +5,8 @@ Anything else escaping a command is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
   """A mistake in the input (flags, config, paths, data) the message fully explains."""
@@ -40,3 +42,13 @@ def as_user_error(e: BaseException) -> UserError | None:
                        "the credentials: `gcloud auth application-default login`, or the VM's service account)")
     e, seen = e.__cause__ or e.__context__, seen + 1
   return None
+
+
+def report(e: BaseException, prefix: str) -> bool:
+  """A command line's handler: prints `e` as "PREFIX: message" on stderr when it is the user's to fix and
+  returns True; returns False for a bug, which the caller re-raises (keeping its traceback)."""
+  err = as_user_error(e)
+  if err is None:
+    return False
+  print(f"{prefix}: {one_line(err)}", file=sys.stderr)
+  return True

@@ -19,7 +19,7 @@ from medcg import fileio
 from medcg import mat
 from medcg.data import features as features_lib
 from medcg.data import shards as shards_lib
-from medcg.errors import UserError, as_user_error, one_line
+from medcg.errors import UserError, report
 
 
 def _subset_list(text: str) -> list[int]:
@@ -189,7 +189,6 @@ if __name__ == "__main__":
   try:
     sys.exit(main())
   except Exception as e:  # the user's mistake (flags, paths, storage): one line, no traceback
-    if (err := as_user_error(e)) is None:
+    if not report(e, "medcg.data: error"):
       raise
-    print(f"medcg.data: error: {one_line(err)}", file=sys.stderr)
     sys.exit(2)

@@ -140,7 +140,7 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from medcg.errors import as_user_error, one_line
+  from medcg.errors import report
   from medcg.train import trainer
   trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
@@ -149,9 +149,8 @@ def main(argv):
     results, out = run(FLAGS.workdir, step=FLAGS.step, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
                        mixture=mixture, likelihood_target=FLAGS.likelihood_target, out=FLAGS.out)
   except Exception as e:  # the user's to fix: one line; anything else: a bug
-    if (err := as_user_error(e)) is None:
+    if not report(e, "medcg.eval: error"):
       raise
-    print(f"medcg.eval: error: {one_line(err)}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
     print_summary(results, out)

@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medcg import fileio
-from medcg.errors import as_user_error, one_line
+from medcg.errors import report
 from medcg.judge import launch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Judge config file (configs/judge.py).",
@@ -25,9 +25,8 @@ def main(argv):
   try:
     paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value)
   except Exception as e:  # the user's to fix (a config key, a path, storage): the message, no traceback
-    if (err := as_user_error(e)) is None:
+    if not report(e, "error"):
       raise
-    print(f"error: {one_line(err)}", file=sys.stderr)
     sys.exit(2)
   logging.info("leaderboard: %s", paths["leaderboard.md"])
   print(fileio.read_text(paths["leaderboard.md"]))

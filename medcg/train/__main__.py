@@ -28,7 +28,7 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax and grain log every step at INFO
     logging.set_verbosity(logging.WARNING)
-  from medcg.errors import as_user_error, one_line
+  from medcg.errors import report
   from medcg.train import trainer
   try:
     trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -37,9 +37,8 @@ def main(argv):
     print("medcg.train: aborted (second Ctrl-C); the last checkpoint is as it was", file=sys.stderr, flush=True)
     os._exit(130)  # at once: background checkpoint and data threads are not waited for
   except Exception as e:  # the user's to fix (config, paths, data, storage): one line; anything else: a bug
-    if (err := as_user_error(e)) is None:
+    if not report(e, "medcg.train: error"):
       raise
-    print(f"medcg.train: error: {one_line(err)}", file=sys.stderr)
     sys.exit(2)
   logging.info("finished at step %d%s; last metrics %s", result.step, " (preempted)" if result.preempted else "",
                result.metrics)
