@@ -79,7 +79,7 @@ def corpus_tokenizer_path(shards_dir: str) -> str:
 
 # Every run arg the configs share (see the module docstring), with its default; sweeps pass all but `seed` through.
 COMMON_RUN_ARGS = dict(seed=0, data="synth", model="", shards="", hf="", synth_train=SYNTH_TRAIN,
-                       synth_test=SYNTH_TEST, epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="")
+                       synth_test=SYNTH_TEST, epochs=0, ood_train=DEFAULT_OOD_TRAIN, init="", hw="")
 
 
 def run_args(arg: str | None, **experiment: Any) -> ml_collections.ConfigDict:
@@ -230,6 +230,11 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
       c.model_overrides.update(dtype="bfloat16", param_dtype="float32", remat="full")
       c.data.tokenizer.kind = "hf"
       c.data.tokenizer.path = os.path.join(args.hf, "tokenizer.json")
+  if args.hw:  # a fit recipe (configs/hardware.py): mesh, remat and accumulation for that target
+    if args.model == "tiny":
+      raise ValueError("config arg 'hw': fit recipes are for the pretrained-size presets, not tiny")
+    from configs import hardware
+    hardware.apply(c, args.model, args.hw)
   from medcg.model import vlm
   c.data.num_image_tokens = vlm.num_image_tokens(c.model, c.trim)
 

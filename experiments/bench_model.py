@@ -9,11 +9,12 @@ forward = jitted `vlm(images, input_ids, attention_mask)` to float32 logits; tra
 projector + LLM with the vision tower frozen (LLaVA-1.5 fine-tuning), loss on the answer tokens. tokens/s
 counts every position of the sequence. MFU = `vlm.model_flops` x B / (time x peak bf16 FLOP/s of the device)
 (`medcg.train.mfu`; none on CPU). Memory: the compiled step's arguments + temporaries + outputs (XLA's
-memory analysis, any backend) and the device's peak bytes in use (GPU/TPU). The default GPU batches grow
-until the device runs out of memory; that row is reported as OOM.
+memory analysis, any backend) and the device's peak bytes in use (GPU/TPU). On GPU / TPU the batches (the
+default 4..64, or --batches) stop at the first that runs out of memory; that row is reported as OOM.
 
 On CPU the numbers only show the script works: the preset shrinks to `tiny` and the output says so.
-Writes experiments/results/bench_model_<platform>.json and .md atomically and prints the table.
+Writes experiments/results/bench_model_<platform>.json and .md atomically after every batch (`status` says
+whether the sweep finished) and prints the table.
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def bench(preset: str, batches: list[int], seq_len: int, reps: int, stop_at_oom: bool) -> list[dict]:
+def bench(preset: str, batches: list[int], seq_len: int, reps: int, stop_at_oom: bool,
+          on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
   cfg = models.get(preset, dtype=FLAGS.dtype, param_dtype="float32", remat=FLAGS.remat)
   n_image = vlm_lib.num_image_tokens(cfg)
   make = lambda: vlm_lib.VLM(cfg, rngs=nnx.Rngs(0))
@@ -143,6 +145,7 @@ def bench(preset: str, batches: list[int], seq_len: int, reps: int, stop_at_oom:
       if not (stop_at_oom and _is_oom(e)):
         raise
       rows.append({**row, "status": "OOM"})
+      on_row(rows[-1])
       print(f"batch {b}: out of memory, stopping", file=sys.stderr)
       break
     mfu_fwd = mfu_lib.mfu(flops_fwd * b, t_fwd, 1)
@@ -155,6 +158,7 @@ def bench(preset: str, batches: list[int], seq_len: int, reps: int, stop_at_oom:
                  "train_tflops_per_s": flops_train * b / t_train / 1e12,
                  "train_step_memory_gib": _memory(step_compiled), "forward_memory_gib": _memory(fwd_compiled),
                  "device_peak_gib": _peak_device_gib()})
+    on_row(rows[-1])
   return rows
 
 
@@ -191,25 +195,36 @@ def main(argv):
     note = (f"CPU run ({os.cpu_count()} cores, shared): preset {preset} at seq_len {seq_len}. These numbers only "
             "show that the script works; GPU numbers for bench-1b need an accelerator.")
     print("NOTE: " + note)
-  rows = bench(preset, batches, seq_len, reps, stop_at_oom=FLAGS.batches is None and not on_cpu)
   command = "python -m experiments.bench_model " + " ".join(sys.argv[1:])
   if on_cpu:
     command = "JAX_PLATFORMS=cpu " + command
   result = dict(
       command=command.strip(), backend=backend, device=device.device_kind, n_devices=jax.device_count(),
       peak_bf16_flops=mfu_lib.peak_flops(device), jax=jax.__version__, python=platform_lib.python_version(),
-      note=note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows)
-  table = _markdown(rows)
+      note=note, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), status="running", rows=[])
   name = f"bench_model_{'cpu' if on_cpu else backend}"
   os.makedirs(FLAGS.out, exist_ok=True)
-  _atomic_write(os.path.join(FLAGS.out, name + ".json"), json.dumps(result, indent=2) + "\n")
-  md = (f"# VLM speed ({device.device_kind}, {backend})\n\n`{result['command']}`  \njax {jax.__version__}, "
-        f"{result['time']}\n\n" + (f"**{note}**\n\n" if note else "") + table + "\n\n"
-        "MFU: model FLOPs (`vlm.model_flops`: frozen vision tower forward only, causal attention halved) / "
-        "(time x peak bf16 FLOP/s). Memory: XLA memory analysis of the compiled step (args + temps + outputs - "
-        "donated).\n")
-  _atomic_write(os.path.join(FLAGS.out, name + ".md"), md)
-  print(table)
+
+  def write():
+    table = _markdown(result["rows"])
+    _atomic_write(os.path.join(FLAGS.out, name + ".json"), json.dumps(result, indent=2) + "\n")
+    md = (f"# VLM speed ({device.device_kind}, {backend})\n\n`{result['command']}`  \njax {jax.__version__}, "
+          f"{result['time']}, {result['status']}\n\n" + (f"**{note}**\n\n" if note else "") + table + "\n\n"
+          "MFU: model FLOPs (`vlm.model_flops`: frozen vision tower forward only, causal attention halved) / "
+          "(time x peak bf16 FLOP/s). Memory: XLA memory analysis of the compiled step (args + temps + outputs - "
+          "donated).\n")
+    _atomic_write(os.path.join(FLAGS.out, name + ".md"), md)
+    return table
+
+  def on_row(row):
+    # Written after every batch: a run stopped at a time limit keeps the rows it measured.
+    result["rows"].append(row)
+    write()
+
+  # On an accelerator an OOM row ends the sweep (given batches too) instead of losing the rows before it.
+  bench(preset, batches, seq_len, reps, stop_at_oom=not on_cpu, on_row=on_row)
+  result["status"] = "done"
+  print(write())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python -m experiments.bench_train --preset bench-1b --batch-sizes 8,16,32,auto --steps 10 \
         --trim off,iqr_example,ratio
     JAX_PLATFORMS=cpu python -m experiments.bench_train                 # CPU: the tiny preset, small batches
+    JAX_PLATFORMS=cpu python -m experiments.bench_train --loop          # the train loop: synchronous vs async
 
 What runs is what `medcg.train.trainer` runs: the VLM split into trainable / frozen / rest params (the vision
 tower frozen by the regex `vision/.*`, and with TRIM the CLIP text tower `text/.*` too), `optimizer.
@@ -26,11 +27,23 @@ largest that ran. On CPU the preset shrinks to `tiny` at small batches and the o
 
 Writes experiments/results/bench_train_<device>.json and .md atomically and prints a rich table.
 
+`--loop` measures the train loop instead of the step: the real `medcg.train.trainer.train` on SynthMAT shards
+(built in a temporary directory unless --shards), its log windows (--log-every steps each) alternating between the
+loop as it was before it went asynchronous (the host waits for every step's loss, `float(loss)`, before it reads
+and stages the next batch; the trainer's benchmark switch `_WAIT_EACH_STEP`) and the loop as it is (losses read
+back at log steps, the next batch staged while the step runs). The switch flips in the trainer's evaluation hook
+at every log step, so both loops run in one process, one compilation and the same machine load. Steady-state
+step time is the trainer's own `train/step_time_s` (wall time between two synced log steps / steps) after two
+warm-up windows; the report gives both loops side by side, their ratio (median over adjacent window pairs), and
+whether the per-step losses of the --repeats runs (alternating which loop goes first) are bitwise equal.
+Writes bench_train_loop_<device>.json and .md.
+
 Imports: jax, flax, optax, numpy, rich, absl (medcg.kernels.trim), safetensors (medcg.model.hf) and
 ml_collections (medcg.model.vlm, medcg.model.llm and configs/models.py import it at module level). A GPU image
 without ml_collections needs its pure-Python wheel (`pip install --no-deps ml_collections`; absl-py and
 PyYAML are its only dependencies). Nothing here imports grain, tensorflow or tensorflow-datasets, nor
-medcg.train.trainer (which pulls in orbax and the data pipeline). XLA_PYTHON_CLIENT_MEM_FRACTION defaults to
+medcg.train.trainer (which pulls in orbax and the data pipeline), except `--loop`, which runs the trainer and
+imports it (and the shard converter, tensorflow-datasets) only then. XLA_PYTHON_CLIENT_MEM_FRACTION defaults to
 0.95 here so that `auto` can use the whole GPU.
 """
 from __future__ import annotations
@@ -399,7 +412,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--profile-dir", default=None,
                  help="trace the timed steps of every row with jax.profiler into DIR/<trim>_b<batch>")
   p.add_argument("--out", default=RESULTS, help="directory for bench_train_<device>.json / .md")
+  p.add_argument("--loop", action="store_true",
+                 help="benchmark the trainer's loop, synchronous vs asynchronous (bench_train_loop_<device>.*)")
+  p.add_argument("--log-every", type=int, default=10, help="--loop: train.log_every, the sync interval")
+  p.add_argument("--windows", type=int, default=6,
+                 help="--loop: timed log windows of each loop per run, alternating (after 2 warm-up ones)")
+  p.add_argument("--repeats", type=int, default=2, help="--loop: trainer runs (alternating which loop goes first)")
+  p.add_argument("--shards", default=None,
+                 help="--loop: SynthMAT shards with subsets 05 and 28 (24 train samples each); default: built")
   args = p.parse_args(argv)
+  if args.log_every < 1 or args.windows < 1 or args.repeats < 1:
+    p.error("--log-every, --windows and --repeats must be >= 1")
   if args.steps is not None and args.steps < 1:
     p.error(f"--steps={args.steps}: need at least one timed step")
   if args.devices < 0 or args.devices > jax.device_count():
@@ -431,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   # Read when the backend starts, so this works unless jax already touched a device in this process.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   args = parse_args(argv)
+  if args.loop:
+    return loop_main(args, argv)
   console = Console() if sys.stdout.isatty() else Console(width=170)  # logs: keep the table's columns whole
   backend = jax.default_backend()
   on_cpu = backend == "cpu"
@@ -510,6 +535,208 @@ def main(argv: Sequence[str] | None = None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   _atomic_write(os.path.join(args.out, name + ".json"), json.dumps(report, indent=2) + "\n")
   _atomic_write(os.path.join(args.out, name + ".md"), markdown(report))
+  console.print(f"wrote {os.path.join(args.out, name)}.json and .md")
+  return report
+
+
+# ------------------------------------------------------------------------------------------------- loop
+LOOPS = ("sync", "async")
+LOOP_MIXTURE = [(5, "train", 24), (28, "train", 24)]
+LOOP_SEQ_LEN = 256
+LOOP_WARMUP_WINDOWS = 2   # log windows not timed: the first step (compilation) and steps 2..log_every
+
+
+def build_shards(root: str) -> str:
+  """Small SynthMAT shards (subsets 05 and 28, 32 px, ArrayRecord) for the loop benchmark; returns their dir."""
+  from medcg.data import synthetic
+  from medcg.data.__main__ import main as data_main
+  synthetic.write_synthmat(os.path.join(root, "raw"), image_size=32, per_subset=24, test_per_subset=4, seed=0,
+                           subsets=[5, 28], progress=False)
+  out = os.path.join(root, "shards")
+  data_main(["convert", "--src", os.path.join(root, "raw"), "--out", out, "--image-size", "32",
+             "--format", "array_record", "--no-progress"])
+  return out
+
+
+def loop_config(shards: str, preset: str, dtype: str, batch: int, steps: int, log_every: int,
+                mesh_devices: int) -> ml_collections.ConfigDict:
+  """A trainer config: the preset at 32 px, seq 256, no evaluation, one checkpoint (the last step's)."""
+  from medcg import configlib
+  c = configlib.base_config()
+  c.data.shards_dir = shards
+  c.data.mixture = LOOP_MIXTURE
+  c.data.eval_mixture = []
+  c.data.seq_len = LOOP_SEQ_LEN
+  c.data.batch_size = batch
+  c.model = models.get(preset, dtype=dtype, param_dtype="float32")
+  c.data.image_size = int(c.model.vision.image_size)
+  c.train.update(dict(steps=steps, log_every=log_every, log_batches=False, lr=1e-3, warmup_steps=1))
+  c.checkpoint.update(dict(every=0, every_minutes=0.0))
+  c.mesh.num_devices = mesh_devices
+  return c
+
+
+def run_loop(config, workdir: str, first: str) -> dict[str, Any]:
+  """One trainer run whose log windows alternate between the two loops, starting with `first`.
+
+  The trainer's evaluation hook, called at every log step (eval.every = log_every, right after that step's
+  metrics row), flips the benchmark switch, so window k+1 runs the other loop than window k. The two loops'
+  windows thus interleave under the same machine load (a shared CPU drifts by far more than the difference).
+  """
+  from medcg.train import trainer
+  k = config.train.log_every
+  window_loop: dict[int, str] = {}  # log step -> the loop its window (the log_every steps before it) ran
+  current = [first]
+
+  def flip(model, step):
+    del model
+    current[0] = LOOPS[1 - LOOPS.index(current[0])]
+    trainer._WAIT_EACH_STEP = current[0] == "sync"  # pylint: disable=protected-access
+    window_loop[step + k] = current[0]
+    return {}
+
+  saved = trainer._WAIT_EACH_STEP  # pylint: disable=protected-access
+  trainer._WAIT_EACH_STEP = first == "sync"  # pylint: disable=protected-access
+  try:
+    t0 = time.perf_counter()
+    result = trainer.train(config, workdir, evaluate_fn=flip)
+    wall = time.perf_counter() - t0
+  finally:
+    trainer._WAIT_EACH_STEP = saved  # pylint: disable=protected-access
+  rows = [json.loads(line) for line in fileio.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines()]
+  # Windows after the warm-up ones: the first step (compilation) and steps 2..k.
+  windows = [dict(step=r["step"], loop=window_loop[r["step"]], step_s=r["train/step_time_s"],
+                  tokens_per_s=r["train/tokens_per_s"])
+             for r in rows if "train/step_time_s" in r and r["step"] >= LOOP_WARMUP_WINDOWS * k]
+  return dict(first=first, windows=windows, run_wall_s=wall, losses=result.losses)
+
+
+def loop_summary(runs: list[dict]) -> dict[str, Any]:
+  """Per loop: the median over its windows of every run; the sync / async ratio as the median over adjacent
+  window pairs (same load) and as the ratio of the medians."""
+  out = {}
+  windows = [w for run in runs for w in run["windows"]]
+  for loop in LOOPS:
+    times = [w["step_s"] for w in windows if w["loop"] == loop]
+    out[loop] = dict(step_s=statistics.median(times), step_s_min=min(times), step_s_max=max(times),
+                     windows=len(times), steps=len(times) * runs[0]["log_every"],
+                     tokens_per_s=statistics.median(w["tokens_per_s"] for w in windows if w["loop"] == loop))
+  pairs = []
+  for run in runs:
+    ws = run["windows"]
+    for a, b in zip(ws[0::2], ws[1::2]):
+      by = {a["loop"]: a["step_s"], b["loop"]: b["step_s"]}
+      pairs.append(by["sync"] / by["async"])
+  out["ratio_sync_over_async"] = statistics.median(pairs)
+  out["ratio_of_medians"] = out["sync"]["step_s"] / out["async"]["step_s"]
+  out["pair_ratios"] = pairs
+  out["losses_identical"] = all(run["losses"] == runs[0]["losses"] for run in runs)
+  return out
+
+
+def loop_markdown(report: dict) -> str:
+  lines = [f"# medcg train loop: synchronous vs asynchronous ({report['device']}, {report['backend']})", "",
+           f"`{report['command']}`  ",
+           f"Machine: {report['machine']}. jax {report['versions']['jax']}, flax {report['versions']['flax']}, "
+           f"{report['time']}, mesh {report['mesh']}.", ""]
+  if report["note"]:
+    lines += [f"**{report['note']}**", ""]
+  lines += [f"The real `medcg.train.trainer.train` loop on SynthMAT shards: preset `{report['preset']}` "
+            f"({report['dtype']} compute), seq {report['seq_len']}, train.log_every {report['log_every']}; per "
+            f"batch size {report['repeats']} run(s) of {report['steps_per_run']} steps, each alternating the two "
+            f"loops window by window after {LOOP_WARMUP_WINDOWS} warm-up windows (runs alternate which loop goes "
+            "first).", "",
+            "| batch | loop | step ms (median) | min | max | windows | steps | tokens/s | sync / async |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for res in report["results"]:
+    s = res["summary"]
+    for loop in LOOPS:
+      ratio = (f"**{s['ratio_sync_over_async']:.3f}** (pairs; medians {s['ratio_of_medians']:.3f})"
+               if loop == "async" else "")
+      lines.append(f"| {res['batch']} | {loop} | {1e3 * s[loop]['step_s']:.1f} | {1e3 * s[loop]['step_s_min']:.1f} | "
+                   f"{1e3 * s[loop]['step_s_max']:.1f} | {s[loop]['windows']} | {s[loop]['steps']} | "
+                   f"{s[loop]['tokens_per_s']:,.0f} | {ratio} |")
+  identical = all(res["summary"]["losses_identical"] for res in report["results"])
+  lines += ["", f"Per-step losses bitwise identical across the runs of each batch size: {identical}.", "",
+            "- sync: the loop before issue 12 item 5: after dispatching step N the host waits for its loss "
+            "(`float(loss)`), then reads batch N+1 and stages it (`sharding.global_batch`), so host work and "
+            "device work alternate. It is the trainer's own loop with `trainer._WAIT_EACH_STEP = True`.",
+            "- async: the trainer's loop: step N is dispatched, batch N+1 read and staged while it runs; losses "
+            "stay on the devices until the next log step, where one `jax.device_get` reads them all (NaN guard "
+            "included).",
+            "- The switch flips in the trainer's evaluation hook, called at every log step (eval.every = "
+            "log_every; the hook evaluates nothing), so a window's steps all run one loop and adjacent windows "
+            "see the same machine load. sync / async: the median over adjacent window pairs of the step-time "
+            "ratio (> 1: the asynchronous loop is faster), and the ratio of the two medians.",
+            "- step ms: the trainer's `train/step_time_s`, wall time between two synced log steps / steps in "
+            "between (one step's time is not observable without a sync). tokens/s: real tokens "
+            "(attention_mask) per second over the same windows.", ""]
+  return "\n".join(lines)
+
+
+def loop_main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+  """Runs the loop benchmark; returns the report written to <out>/bench_train_loop_<device>.json."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  console = Console() if sys.stdout.isatty() else Console(width=170)
+  backend = jax.default_backend()
+  on_cpu = backend == "cpu"
+  device = jax.devices()[0]
+  n_devices = args.devices or jax.device_count()
+  preset = args.preset or ("tiny" if on_cpu else "bench-1b")
+  sizes, _ = _batch_plan(args.batch_sizes or ("2,8" if on_cpu else "8"), n_devices)
+  windows = 2 * args.windows  # per run: --windows of each loop
+  steps = args.log_every * (LOOP_WARMUP_WINDOWS - 1 + windows)  # log steps 1, K, 2K, ..., steps
+  note = ""
+  if on_cpu:
+    note = (f"CPU run ({os.cpu_count()} cores, shared with other work): the device computation and the host "
+            "loop share the same cores, so overlap has little to gain here; on an accelerator the host's "
+            "per-step fetch, staging and dispatch are what the asynchronous loop hides.")
+  results: list[dict] = []
+  with tempfile.TemporaryDirectory(prefix="bench_train_loop_") as tmp:
+    shards = args.shards or build_shards(tmp)
+    for batch in sizes:
+      config = loop_config(shards, preset, args.dtype, batch, steps, args.log_every, n_devices)
+      config.eval.every = args.log_every
+      runs = []
+      for r in range(args.repeats):
+        first = LOOPS[r % 2]
+        run = {"repeat": r, "log_every": args.log_every,
+               **run_loop(config, os.path.join(tmp, f"b{batch}_run{r}"), first)}
+        for loop in LOOPS:
+          times = " ".join(f"{1e3 * w['step_s']:.0f}" for w in run["windows"] if w["loop"] == loop)
+          console.print(f"  batch {batch} run {r} ({first} first) {loop}: windows {times} ms/step")
+        runs.append(run)
+      results.append(dict(batch=batch, summary=loop_summary(runs),
+                          runs=[{k: v for k, v in run.items() if k != "losses"} for run in runs]))
+  command = "python -m experiments.bench_train " + " ".join(sys.argv[1:] if argv is None else argv)
+  if on_cpu:
+    command = "JAX_PLATFORMS=cpu " + command
+  machine = (f"{platform_lib.machine()} {platform_lib.processor() or ''}".strip()
+             + f", {os.cpu_count()} CPU cores, {jax.device_count()} {device.device_kind} device(s)")
+  report = dict(
+      command=command.strip(), backend=backend, device=device.device_kind, n_devices=n_devices,
+      machine=machine, mesh={"data": n_devices}, note=note,
+      versions=dict(jax=jax.__version__, jaxlib=_jaxlib_version(), flax=flax.__version__,
+                    optax=optax.__version__, python=platform_lib.python_version()),
+      time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), preset=preset, dtype=args.dtype,
+      seq_len=LOOP_SEQ_LEN, log_every=args.log_every, windows_per_loop=args.windows, repeats=args.repeats,
+      steps_per_run=steps, train_loop="medcg.train.trainer.train", results=results)
+  table = Table(title=f"medcg train loop: {preset} on {device.device_kind}")
+  for name in ("batch", "loop", "step ms (median)", "min", "max", "windows", "sync / async"):
+    table.add_column(name, justify="right")
+  for res in results:
+    s = res["summary"]
+    for loop in LOOPS:
+      table.add_row(str(res["batch"]), loop,
+                    *(f"{1e3 * s[loop][k]:.1f}" for k in ("step_s", "step_s_min", "step_s_max")),
+                    str(s[loop]["windows"]), f"{s['ratio_sync_over_async']:.3f}" if loop == "async" else "")
+  console.print(table)
+  console.print("losses bitwise identical across runs: "
+                f"{all(res['summary']['losses_identical'] for res in results)}")
+  name = "bench_train_loop_" + _device_slug(backend, device.device_kind)
+  os.makedirs(args.out, exist_ok=True)
+  _atomic_write(os.path.join(args.out, name + ".json"), json.dumps(report, indent=2) + "\n")
+  _atomic_write(os.path.join(args.out, name + ".md"), loop_markdown(report))
   console.print(f"wrote {os.path.join(args.out, name)}.json and .md")
   return report
 

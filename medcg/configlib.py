@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axes (-1 fills the rest); num_devices > 0 uses only the first N devices (tests, debugging).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  # The fit recipe applied (configs/hardware.py, run arg hw=TARGET): its target and the environment its launch
+  # command needs (e.g. XLA_PYTHON_CLIENT_MEM_FRACTION on one GPU). Empty: no recipe.
+  c.hardware = ml_collections.ConfigDict(dict(target="", env=ml_collections.ConfigDict()))
 
   # Checkpoints at the end, on SIGTERM / Ctrl-C, and periodically: every `every_minutes` of training (time, so
   # one setting suits a tiny CPU run and a 7B pod run) and/or every `every` steps (0 = off).

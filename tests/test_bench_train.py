@@ -116,3 +116,30 @@ def test_oom_detection_and_bad_arguments():
     bench_train.trim_config("fast", 576)
   assert bench_train.trim_config("ratio", 576).k_max == 121
   assert bench_train.trim_config("iqr_example", 576).k_max == 288
+
+
+def test_loop_mode_runs_the_trainer_both_ways_and_writes_the_comparison(synth_shards, tmp_path):
+  from medcg.train import trainer
+  report = bench_train.main(["--loop", "--shards", synth_shards, "--log-every", "2", "--windows", "1",
+                             "--repeats", "1", "--batch-sizes", "2", "--devices", "1", "--dtype", "float32",
+                             "--out", str(tmp_path)])
+  written = json.loads((tmp_path / "bench_train_loop_cpu.json").read_text())
+  assert written == json.loads(json.dumps(report))
+  assert written["train_loop"] == "medcg.train.trainer.train" and written["steps_per_run"] == 6
+  assert written["command"].startswith("JAX_PLATFORMS=cpu python -m experiments.bench_train --loop")
+  assert written["machine"] and "CPU run" in written["note"]
+  # After two warm-up windows (step 1, steps 2..2) the windows alternate: async (steps 3-4), sync (5-6), ...
+  (result,) = written["results"]
+  assert result["batch"] == 2
+  (run,) = result["runs"]
+  assert run["first"] == "sync"
+  assert [(w["step"], w["loop"]) for w in run["windows"]] == [(4, "async"), (6, "sync")]
+  summary = result["summary"]
+  assert summary["losses_identical"] is True
+  for loop in ("sync", "async"):
+    assert summary[loop]["step_s"] > 0 and summary[loop]["windows"] == 1 and summary[loop]["steps"] == 2
+  assert len(summary["pair_ratios"]) == 1 and summary["ratio_sync_over_async"] > 0
+  assert trainer._WAIT_EACH_STEP is False  # the benchmark switch is put back
+  md = (tmp_path / "bench_train_loop_cpu.md").read_text()
+  assert "| 2 | sync |" in md and "| 2 | async |" in md and written["command"] in md and "Machine:" in md
+  assert not list(tmp_path.glob("*.tmp.*"))

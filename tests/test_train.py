@@ -18,6 +18,7 @@ from flax import nnx
 from configs import models
 from medcg import configlib
 from medcg.errors import UserError
+from medcg.train import checkpoint as ckpt_lib
 from medcg.train import sharding as shd
 from medcg.train import trainer
 
@@ -189,15 +190,54 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(synth_shards, tmp_path):
   assert step == last and 3 <= step < 10_000
 
 
-def test_nan_loss_stops_with_step_and_sample_ids(synth_shards, tmp_path):
-  c = micro_config(synth_shards, steps=5)
-  c.checkpoint.every = 1
+def pipeline_sample_ids(c, n: int) -> list[list[str]]:
+  """Sample ids of the first `n` training batches of config `c`, read from the pipeline (nothing trained)."""
+  from medcg.data import pipeline
+  from medcg.data import tokenizer as tok_lib
+  from medcg.model import vlm
+  tok = tok_lib.make_tokenizer(c.data.tokenizer)
+  slots = vlm.num_image_tokens(trainer.model_config(c, tok), None)
+  d = trainer.pipeline_config(c, c.data.mixture, c.data.batch_size, slots, training=True)
+  it = pipeline.make_train_iterator(d, tok, seed=c.seed, process_index=0, process_count=1)
+  return [[str(x) for x in next(it)["sample_id"]] for _ in range(n)]
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(synth_shards, tmp_path, monkeypatch):
+  """The guard reads losses only at log steps and before checkpoints: a NaN at step 3 (log_every 4, a
+  checkpoint every 2 steps) is read back at step 4, yet the error names step 3 and batch 3's ids, no checkpoint
+  at or after step 3 exists, and a restart resumes exactly from step 2 (whose checkpoint was written after
+  batch 3 had been staged): same losses, bitwise, as an uninterrupted run of the synchronous loop."""
+  c = micro_config(synth_shards, steps=6, log_every=4)
+  c.checkpoint.every = 2
   c.mesh.num_devices = 1
-  wd = str(tmp_path / "nan")
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 3; batch sample ids: \['Subset--"):
-    trainer.train(c, wd, fail_at_step=3)
-  step, _ = final_params(wd)
-  assert step == 2  # the last good checkpoint, untouched
+  ids = pipeline_sample_ids(c, 6)
+  wd = tmp_path / "nan"
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer.train(c, str(wd), fail_at_step=3)
+  message = str(e.value)
+  assert f"at step 3; batch sample ids: {ids[2]}." in message, message
+  assert "last good checkpoint (step 2)" in message and "this one at step 4" in message, message
+  assert ckpt_lib.Checkpointer(str(wd / "checkpoints")).all_steps() == [2]  # nothing at / after the NaN
+  assert run_log(wd, "sample_ids") == {1: ids[0], 2: ids[1]}                 # rows only for good steps
+
+  resumed = trainer.train(c, str(wd))
+  assert resumed.step == 6 and len(resumed.losses) == 4
+  monkeypatch.setattr(trainer, "_WAIT_EACH_STEP", True)  # the loop as it was: float(loss) every step
+  sync = micro_config(synth_shards, steps=6, log_every=1)
+  sync.mesh.num_devices = 1
+  straight = trainer.train(sync, str(tmp_path / "straight"))
+  assert resumed.losses == straight.losses[2:]                               # bitwise: floats compared exactly
+  assert run_log(wd, "loss") == run_log(tmp_path / "straight", "loss")
+  assert run_log(wd, "sample_ids") == run_log(tmp_path / "straight", "sample_ids") == \
+      {i + 1: b for i, b in enumerate(ids)}
+  rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 3, 4, 6]  # the first of each attempt, every 4th, last
+  assert all(r["train/step_time_s"] > 0 and r["train/tokens_per_s"] > 0 for r in rows if "train/loss" in r)
+  s1, p1 = final_params(wd)
+  s2, p2 = final_params(tmp_path / "straight")
+  assert s1 == s2 == 6
+  for a, b in zip(p1, p2):
+    np.testing.assert_array_equal(a, b)
 
 
 def _free_port() -> int:

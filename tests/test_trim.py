@@ -365,3 +365,105 @@ def test_shard_map_over_batch_pools_each_shard(seed, impl):
   inputs = [np.concatenate([p[0][i] for p in parts]) for i in range(3)]
   expected = tuple(np.concatenate([p[1][i] for p in parts]) for i in range(2))
   assert_same(sharded(*map(jnp.asarray, inputs)), expected, seed, f"shard_map {impl}")
+
+
+# ----------------------------------------------------------------------------- under a mesh
+
+def _data_fsdp_mesh():
+  from medcg.train import sharding as shd
+  return shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernels_under_mesh_run_per_shard_forward_and_grad(seed, backend):
+  # Batch sharded over (data, fsdp) = 8 shards under use_mesh: trim wraps the kernel in shard_map,
+  # so iqr_batch pools each shard and the result (and its gradient) is the per-shard reference.
+  from medcg.train import sharding as shd
+  mesh = _data_fsdp_mesh()
+  shards, per_shard, n, d, e, k_max = 8, 2, 16, 8, 4, 6
+  parts = [draw(seed + 1000 * s, per_shard, n, d, e, k_max, "iqr_batch", None)
+           for s in range(shards)]
+  inputs = [np.concatenate([p[0][i] for p in parts]) for i in range(3)]
+  expected = tuple(np.concatenate([p[1][i] for p in parts]) for i in range(2))
+  weights = np.random.default_rng(seed).normal(size=expected[0].shape).astype(np.float32)
+  args = [jax.device_put(x, shd.batch_sharding(mesh, ndim=x.ndim)) for x in inputs]
+
+  def loss(h, emb, text, impl):
+    tokens, _ = trim_lib.trim(h, emb, text, k_max=k_max, mode="iqr_batch", impl=impl,
+                              interpret=impl != "xla")
+    return jnp.sum(tokens * weights[:h.shape[0]])
+
+  impl = f"pallas_{backend}"
+  with shd.use_mesh(mesh):
+    fwd = jax.jit(functools.partial(trim_lib.trim, k_max=k_max, mode="iqr_batch", impl=impl,
+                                    interpret=True))
+    # Each result is waited for: TPU interpret mode runs jnp inside io_callbacks on all 8 device
+    # threads, and work dispatched from here meanwhile can deadlock with them.
+    tokens, count = jax.block_until_ready(fwd(*args))
+    grads = jax.block_until_ready(
+        jax.jit(jax.grad(functools.partial(loss, impl=impl), argnums=(0, 1, 2)))(*args))
+  assert tokens.sharding.spec[0] == ("data", "fsdp"), tokens.sharding
+  assert_same((tokens, count), expected, seed, f"{backend} under mesh")
+  # Reference gradient: the XLA path on each shard alone.
+  want = []
+  for s in range(shards):
+    rows = slice(s * per_shard, (s + 1) * per_shard)
+    w = weights[rows]
+    want.append(jax.grad(lambda h, i=rows, w=w: jnp.sum(trim_lib.trim(
+        h, jnp.asarray(inputs[1][i]), jnp.asarray(inputs[2][i]), k_max=k_max,
+        impl="xla")[0] * w))(jnp.asarray(inputs[0][rows])))
+  np.testing.assert_allclose(np.asarray(grads[0]), np.concatenate(want), rtol=1e-6, atol=1e-6,
+                             err_msg=f"{backend} grad under mesh, seed={seed}")
+  assert not np.any(np.asarray(grads[1])) and not np.any(np.asarray(grads[2])), backend
+
+
+def test_batch_axes_follow_the_act_batch_rule():
+  from medcg.train import sharding as shd
+  mesh = _data_fsdp_mesh().abstract_mesh
+  assert trim_lib.batch_axes(mesh, 16) == ("data", "fsdp")
+  assert trim_lib.batch_axes(mesh, 6) == ("data",)    # fsdp=4 does not divide what data leaves
+  assert trim_lib.batch_axes(mesh, 3) == ()
+  with shd.use_mesh(_data_fsdp_mesh(), rules=(("act_batch", "fsdp"),) + tuple(shd.RULES)):
+    assert trim_lib.batch_axes(mesh, 16) == ("fsdp",)  # the current rules, not the defaults
+
+
+@pytest.mark.parametrize("platform,expected", [("tpu", "pallas_tpu"), ("gpu", "pallas_gpu"),
+                                               ("cpu", "xla")])
+def test_auto_follows_the_mesh_platform(platform, expected):
+  # The mesh's devices decide, not jax.default_backend() (CPU here): an AOT compile on a CPU
+  # host for a TPU / GPU mesh must take that target's kernel.
+  device = jax.sharding.AbstractDevice(device_kind=f"fake {platform}", num_cores=1,
+                                       platform=platform)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert trim_lib.resolve_impl("auto") == expected
+  assert trim_lib.resolve_impl("auto") == "xla"        # no mesh: the default backend (CPU)
+
+
+def test_every_pallas_call_carries_a_cost_estimate():
+  from jax.experimental import pallas as pl
+  args = (jnp.zeros((2, 16, 8)), jnp.zeros((2, 16, 4)), jnp.zeros((2, 4)))
+  for backend in ("gpu", "tpu"):
+    for mode, ratio in MODES:
+      fn = functools.partial(trim_lib.trim, k_max=5, mode=mode, ratio=ratio,
+                             impl=f"pallas_{backend}", interpret=True)
+      jaxpr = jax.make_jaxpr(fn)(*args)
+      calls = [eqn for eqn in _eqns(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+      assert calls, (backend, mode)
+      costs = []
+      for eqn in calls:
+        found = [v for v in eqn.params.values() if isinstance(v, pl.CostEstimate)]
+        assert found and found[0].flops > 0 and found[0].bytes_accessed > 0, (backend, mode)
+        costs.append(found[0])
+      # The Mosaic kernels take the softmax (one exp per token); on GPU XLA does.
+      assert sum(c.transcendentals for c in costs) == (2 * 16 if backend == "tpu" else 0), costs
+
+
+def _eqns(jaxpr):
+  """Equations of a jaxpr and of the jaxprs its equations call (jit, custom_vjp, shard_map)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      inner = getattr(v, "jaxpr", v)  # a ClosedJaxpr's jaxpr, or a Jaxpr itself
+      if hasattr(inner, "eqns"):
+        yield from _eqns(inner)

@@ -132,6 +132,45 @@ def test_trim_forward_without_text_ids_says_how_to_get_them():
     model(jnp.zeros((1, 32, 32, 3)), jnp.asarray(ids), jnp.ones_like(ids))
 
 
+@pytest.fixture(scope="module")
+def tiny_trim_state():
+  """The tiny preset with TRIM (iqr_example, k_max 8): config, section and params, built once (eager init
+  compiles every initializer apart: seconds on 2 cores)."""
+  from configs import models
+  cfg = models.get("tiny")
+  section = trim_section("iqr_example", 8)
+  return cfg, section, nnx.state(vlm_lib.VLM(cfg, rngs=nnx.Rngs(0), trim=section))
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_trim_kernel_forward_on_the_8_device_mesh(rng, tiny_trim_state, backend):
+  # The trainer's setting: params and batch sharded on a (data, fsdp) mesh, the model traced under use_mesh, the
+  # Pallas TRIM (interpret mode on CPU) run per batch shard by trim.trim's shard_map. iqr_example decides per
+  # example, so the logits equal those of the XLA reference (same params, no mesh: GSPMD partitions it).
+  from medcg.train import sharding as shd
+  cfg, section, state = tiny_trim_state
+  k_max, batch = section["k_max"], 8
+  graphdef = lambda trim: nnx.graphdef(nnx.eval_shape(lambda: vlm_lib.VLM(cfg, rngs=nnx.Rngs(0), trim=trim)))
+  mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  state = jax.device_put(state, shd.param_shardings(state, mesh))
+  length = k_max + 1 + 24
+  ids, mask = prompts(rng, batch, k_max + 1, length)
+  host = (rng.normal(size=(batch, 32, 32, 3)).astype(np.float32), ids, mask, np.asarray(random_text_ids(rng, batch)))
+  inputs = [jax.device_put(x, shd.batch_sharding(mesh, ndim=x.ndim)) for x in host]
+  forward = jax.jit(lambda graphdef, state, *inputs: nnx.merge(graphdef, state)(*inputs), static_argnums=0)
+
+  kernel = graphdef(dict(section, impl=f"pallas_{backend}", interpret=True))
+  with shd.use_mesh(mesh):
+    # Wait for it here: TPU interpret mode runs jnp inside io_callbacks on every device thread, and work
+    # dispatched meanwhile from this thread can deadlock with them on a 2-core host.
+    logits = jax.block_until_ready(forward(kernel, state, *inputs))
+  assert logits.shape == (batch, length, cfg.llm.vocab_size)
+  assert logits.sharding.spec[0] == ("data", "fsdp"), logits.sharding
+  # The same parameters in the XLA-reference model (the TRIM section is static, part of the graphdef).
+  want = forward(graphdef(section), state, *inputs)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # (b) the pipeline's text_ids
 # ----------------------------------------------------------------------------------------------------------

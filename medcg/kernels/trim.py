@@ -35,16 +35,26 @@ Implementations (`impl`):
                 selection with `trim_xla` and transposes it), so gradients reach `hidden` only;
                 the selection is piecewise constant in the embeddings, whose gradient is zero
                 (as in the XLA path).
-  "auto"        the GPU kernel on GPU, the TPU kernel on TPU, otherwise "xla" (logged once).
+  "auto"        the GPU kernel on GPU, the TPU kernel on TPU, otherwise "xla" (logged once). The
+                platform is that of the current mesh's devices (`jax.set_mesh`, which
+                `medcg.train.sharding.use_mesh` sets, or the enclosing `shard_map`), else
+                `jax.default_backend()`: a CPU host compiling for a TPU topology's (or a deviceless
+                GPU client's) mesh gets that target's kernel, not the XLA path.
 
-Batch scope: "iqr_batch" pools whatever batch `trim` is given. The released training ran it per
-device on a micro-batch of 4; under `jax.jit` with a batch-sharded input the XLA path pools the
-global batch. The Pallas calls are custom calls that XLA does not partition: with sharded inputs,
-call `trim` inside `shard_map` over the batch axis (then iqr_batch pools each shard, as released;
-interpret mode needs `check_vma=False` there).
+Meshes: the Pallas calls are custom calls that XLA does not partition (Mosaic refuses sharded
+operands; a Triton call makes XLA all-gather the batch so every device runs every example). So
+when a kernel is taken and a mesh is current, `trim` runs it under `jax.shard_map` over the mesh
+axes that the "act_batch" rule maps to (the rules of `sharding.use_mesh`, else `sharding.RULES`)
+and that divide B; the other axes see the whole (local) batch. Axes already manual (inside a
+caller's `shard_map`) are left alone. Interpret mode needs `check_vma=False` there; compiled
+kernels declare their outputs' varying axes. The backward pass runs per shard as well.
 
-`trim_features(cfg, ...)` is the helper the VLM calls: it reads a config section
-(`mode`, `k_max`, `ratio`, `impl`) and also returns the (B, k_max+1) validity mask of the slots.
+Batch scope: "iqr_batch" pools whatever batch one call sees. On the kernel path under a mesh that
+is each batch shard, as the released training did per device (a micro-batch of 4). The XLA path
+is left to GSPMD and pools the global batch (call it inside `shard_map` to pool per shard).
+
+`trim_features(cfg, ...)` is the helper the VLM calls: it reads a config section (`mode`, `k_max`,
+`ratio`, `impl`, optional `interpret`) and also returns the (B, k_max+1) validity mask of the slots.
 """
 from __future__ import annotations
 
@@ -169,17 +179,45 @@ def _log_fallback_once(platform: str) -> None:
                platform)
 
 
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh in context (`jax.set_mesh`, `sharding.use_mesh`, inside `shard_map`), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def target_platform() -> str:
+  """Platform the program is built for: the current mesh's devices, else the default backend."""
+  mesh = current_mesh()
+  device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
 def resolve_impl(impl: str) -> str:
-  """Maps 'auto' to the kernel for the default backend, or to 'xla' (logged once)."""
+  """Maps 'auto' to the kernel for the target platform (`target_platform`), or to 'xla' (logged
+  once)."""
   if impl != "auto":
     return impl
-  platform = jax.default_backend()
-  if platform == "gpu":
+  platform = target_platform()
+  if platform in ("gpu", "cuda", "rocm"):
     return "pallas_gpu"
   if platform == "tpu":
     return "pallas_tpu"
   _log_fallback_once(platform)
   return "xla"
+
+
+def batch_axes(mesh: jax.sharding.AbstractMesh, batch: int) -> tuple[str, ...]:
+  """Mesh axes that split a batch of `batch` examples: the "act_batch" rule's axes (current rules
+  of `sharding.use_mesh`, else the defaults) that have size > 1, divide `batch` and are not
+  already manual."""
+  from medcg.train import sharding as shd  # pylint: disable=g-import-not-at-top
+  # The rules use_mesh made current; a bare jax.set_mesh gets the defaults.
+  ctx = getattr(shd, "_CTX", None)
+  rules = ctx.rules if ctx is not None and ctx.mesh is not None else shd.RULES
+  entry = shd.logical_to_spec(("act_batch",), (batch,), mesh, rules)[0]
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  # Dropping axes keeps divisibility (a divisor of a divisor of B divides B).
+  return tuple(a for a in axes if a not in mesh.manual_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -232,9 +270,25 @@ def trim(hidden: jax.Array, image_embeds: jax.Array, text_embeds: jax.Array, *, 
   impl = resolve_impl(impl)
   if impl == "xla":
     return trim_xla(hidden, image_embeds, text_embeds, k_max=k_max, mode=mode, ratio=ratio)
-  backend = impl.removeprefix("pallas_")
-  return _trim_pallas(hidden, image_embeds, text_embeds, k_max, mode,
-                      None if ratio is None else float(ratio), backend, bool(interpret))
+  static = (k_max, mode, None if ratio is None else float(ratio), impl.removeprefix("pallas_"),
+            bool(interpret))
+  kernel = lambda h, i, t: _trim_pallas(h, i, t, *static)
+  mesh = current_mesh()
+  if mesh is None or all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in mesh.manual_axes):
+    return kernel(hidden, image_embeds, text_embeds)
+  return _per_shard(kernel, mesh, hidden.shape[0], bool(interpret))(hidden, image_embeds,
+                                                                     text_embeds)
+
+
+def _per_shard(kernel, mesh: jax.sharding.AbstractMesh, batch: int, interpret: bool):
+  """`kernel` under shard_map over the current mesh's non-manual axes: the batch split over
+  `batch_axes`, the rest replicated (XLA cannot partition the custom calls itself)."""
+  spec = jax.sharding.PartitionSpec(batch_axes(mesh, batch) or None)
+  free = {a for a in mesh.axis_names if a not in mesh.manual_axes}
+  # mesh=None: the context's mesh (concrete under jax.set_mesh, so eager calls work too).
+  # check_vma=False in interpret mode: its internal scan trips the varying-axes check.
+  return jax.shard_map(kernel, mesh=None, in_specs=(spec, spec, spec), out_specs=(spec, spec),
+                       axis_names=free, check_vma=not interpret)
 
 
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
@@ -248,8 +302,9 @@ def trim_features(cfg: Any, hidden: jax.Array, image_embeds: jax.Array, text_emb
 
   Args:
     cfg: the `trim` section (ConfigDict, dict or object) with `k_max` (required), `mode`
-      (default "iqr_batch"), `ratio` (mode "ratio") and `impl` (default "auto"). Keys that are
-      not TRIM's (e.g. `enabled`, `text_source`) are ignored here.
+      (default "iqr_batch"), `ratio` (mode "ratio"), `impl` (default "auto") and optionally
+      `interpret` (default False: the Pallas kernels in interpret mode, for CPU tests). Keys
+      that are not TRIM's (e.g. `enabled`, `text_source`) are ignored here.
     hidden, image_embeds, text_embeds: as in `trim`.
 
   Returns:
@@ -263,5 +318,6 @@ def trim_features(cfg: Any, hidden: jax.Array, image_embeds: jax.Array, text_emb
   mode = _cfg_get(cfg, "mode", "iqr_batch")
   ratio = _cfg_get(cfg, "ratio", None) if mode == "ratio" else None
   tokens, count = trim(hidden, image_embeds, text_embeds, k_max=int(k_max), mode=mode,
-                       ratio=ratio, impl=_cfg_get(cfg, "impl", "auto"))
+                       ratio=ratio, impl=_cfg_get(cfg, "impl", "auto"),
+                       interpret=bool(_cfg_get(cfg, "interpret", False)))
   return tokens, count, slot_mask(count, int(k_max))

@@ -15,6 +15,12 @@ Kernels, one program per image:
 
 `hidden`, the big input, is read once (by the select kernel); `image_embeds` once.
 
+Every `pallas_call` carries a `pl.CostEstimate` from the shapes (XLA's cost analysis counts a
+custom call as 0 FLOPs otherwise): matmul / einsum FLOPs exactly, each elementwise compare,
+select or add of the rank and compaction passes as one FLOP (an estimate of work done, not of
+useful arithmetic), one transcendental per softmax exp, and the bytes of every operand and result.
+Under `shard_map` (`trim` on a mesh) the calls see per-shard shapes, and so do the estimates.
+
 Tie rule (same as `trim.select_and_pool`): token i ranks ahead of j if p_i > p_j, or p_i == p_j and
 i < j; each image keeps the tokens with rank < min(K, k_max).
 
@@ -57,6 +63,17 @@ def _next_pow2(n: int) -> int:
 def _out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
   """Output type varying over the same shard_map axes as `like` (needed with check_vma)."""
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=getattr(jax.typeof(like), "mat", None))
+
+
+def _nbytes(x, dtype=None) -> int:
+  """Bytes of an array (or tracer), or of a shape and dtype."""
+  shape, dtype = (x.shape, x.dtype) if dtype is None else (x, dtype)
+  return int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+
+
+def _cost(flops: float, transcendentals: float, bytes_accessed: float) -> pl.CostEstimate:
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
+                         bytes_accessed=int(bytes_accessed))
 
 
 def _quartile_terms(n: int, q: float):
@@ -191,17 +208,28 @@ def _gpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
                 pl.BlockSpec((None, e), lambda i, t: (i, 0))],
       out_specs=pl.BlockSpec((None, tile), lambda i, t: (i, t)),
       compiler_params=params, interpret=interpret, name="trim_scores_triton",
+      cost_estimate=_cost(2 * b * n * e, 0, _nbytes(image_embeds) + _nbytes(text_embeds)
+                          + _nbytes((b, n), jnp.float32)),
   )(image_embeds, text_embeds)
   p = jax.nn.softmax(-scores, axis=-1)
   per_example = mode == "iqr_example"
   k = jnp.zeros((b,), jnp.int32) if per_example else trim_lib.keep_counts(p, mode, ratio)
   n_pad = _next_pow2(n)
   p = jnp.pad(p, ((0, 0), (0, n_pad - n)), constant_values=-1.0)
+  d_chunk = _pow2_divisor(d, 1024)
   kernel = functools.partial(
       _gpu_select_kernel, n=n, k_max=k_max, per_example_iqr=per_example,
       cmp_chunk=min(16, n_pad), row_chunk=_pow2_divisor(n, 16),
-      out_chunk=min(16, 1 << (k_max + 1).bit_length() - 1),
-      d_chunk=_pow2_divisor(d, 1024))
+      out_chunk=min(16, 1 << (k_max + 1).bit_length() - 1), d_chunk=d_chunk)
+  m_total, d_passes = k_max + 1, d // d_chunk
+  # Per image: the rank pass (~6 ops per pair, +3 for the quartile counts), its recount per
+  # feature chunk in the rest-mean pass (~6 per pair), the mean's adds, and per output chunk the
+  # source-row search over the prefix counts.
+  per_image = ((9 if per_example else 6) * n_pad * n_pad + d_passes * 6 * n * n_pad
+               + 2 * n * d + d_passes * 2 * m_total * n_pad + 3 * m_total * d)
+  select_cost = _cost(b * per_image, 0,
+                      2 * _nbytes((b, 1), jnp.int32) + _nbytes((b, n_pad), jnp.float32)
+                      + _nbytes(hidden) + _nbytes((b, m_total, d), hidden.dtype))
   tokens, count = pl.pallas_call(
       kernel,
       out_shape=(_out_struct((b, k_max + 1, d), hidden.dtype, hidden),
@@ -213,6 +241,7 @@ def _gpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
       out_specs=(pl.BlockSpec((None, k_max + 1, d), lambda i: (i, 0, 0)),
                  pl.BlockSpec((None, 1), lambda i: (i, 0))),
       compiler_params=params, interpret=interpret, name="trim_select_triton",
+      cost_estimate=select_cost,
   )(k[:, None], p, hidden)
   return tokens, count[:, 0]
 
@@ -299,6 +328,21 @@ def _tpu_compiler_params(n: int, d: int, e: int, k_max: int, interpret: bool):
                               vmem_limit_bytes=max(need, 32 << 20))
 
 
+def _tpu_probs_flops(n: int, e: int) -> tuple[int, int]:
+  """(flops, transcendentals) of `_tpu_probs` for one image: the (1,E)x(E,N) dot, the softmax."""
+  return 2 * n * e + 5 * n, n
+
+
+def _tpu_select_flops(n: int, d: int, k_max: int, per_example_iqr: bool) -> int:
+  """FLOPs of `_tpu_select_kernel` for one image, without the fused scores (`_tpu_probs_flops`)."""
+  m_total = k_max + 1
+  pairs = (2 + 5 + (2 if per_example_iqr else 0) + 1) * n * n  # diagonal copy, ranks, (n, n) masks
+  quartiles = 4 * 2 * n if per_example_iqr else 0               # four order statistics
+  matmuls = 2 * n * n + 2 * m_total * n * d                     # prefix sum, compaction
+  selection = 6 * m_total * n + 3 * m_total * d                 # the 0/1 selection matrix, mean
+  return pairs + quartiles + matmuls + selection
+
+
 def _tpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpret):
   b, n, d = hidden.shape
   e = image_embeds.shape[2]
@@ -308,10 +352,14 @@ def _tpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
   text_spec = pl.BlockSpec((None, 1, e), lambda i, *_: (i, 0, 0))
   text_embeds = text_embeds[:, None, :]
   fused = mode != "iqr_batch"
+  per_example = mode == "iqr_example"
+  probs_flops, probs_exp = _tpu_probs_flops(n, e)
+  score_bytes = _nbytes(image_embeds) + _nbytes(text_embeds)
+  p_bytes = _nbytes((b, 1, n), jnp.float32)
   if fused:  # one pass: K is per example (iqr_example, computed in-kernel) or static (ratio)
-    k = jnp.full((b,), 0 if mode == "iqr_example" else trim_lib.static_ratio_k(n, ratio),
-                 jnp.int32)
+    k = jnp.full((b,), 0 if per_example else trim_lib.static_ratio_k(n, ratio), jnp.int32)
     operands, score_specs = (image_embeds, text_embeds), [emb_spec, text_spec]
+    in_flops, in_exp, in_bytes = probs_flops, probs_exp, score_bytes
   else:      # first pass: p for the batch-wide quantile
     p = pl.pallas_call(
         _tpu_probs_kernel,
@@ -319,11 +367,17 @@ def _tpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
         grid=(b,), in_specs=[emb_spec, text_spec],
         out_specs=pl.BlockSpec((None, 1, n), lambda i: (i, 0, 0)),
         compiler_params=params, interpret=interp, name="trim_probs_mosaic",
+        cost_estimate=_cost(b * probs_flops, b * probs_exp, score_bytes + p_bytes),
     )(image_embeds, text_embeds)
     k = trim_lib.keep_counts(p[:, 0], mode, ratio)
     operands, score_specs = (p,), [pl.BlockSpec((None, 1, n), lambda i, *_: (i, 0, 0))]
+    in_flops, in_exp, in_bytes = 0, 0, p_bytes
   kernel = functools.partial(_tpu_select_kernel, n=n, k_max=k_max,
-                             per_example_iqr=mode == "iqr_example", fused=fused)
+                             per_example_iqr=per_example, fused=fused)
+  select_cost = _cost(
+      b * (in_flops + _tpu_select_flops(n, d, k_max, per_example)), b * in_exp,
+      _nbytes(k) + in_bytes + _nbytes(hidden) + _nbytes((b, k_max + 1, d), hidden.dtype)
+      + _nbytes((b, 1, 1), jnp.int32))
   tokens, count = pl.pallas_call(
       kernel,
       out_shape=(_out_struct((b, k_max + 1, d), hidden.dtype, hidden),
@@ -334,6 +388,7 @@ def _tpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
           out_specs=(pl.BlockSpec((None, k_max + 1, d), lambda i, *_: (i, 0, 0)),
                      pl.BlockSpec((None, 1, 1), lambda i, *_: (i, 0, 0)))),
       compiler_params=params, interpret=interp, name="trim_select_mosaic",
+      cost_estimate=select_cost,
   )(k, *operands, hidden)
   return tokens, count[:, 0, 0]
 

@@ -205,7 +205,7 @@ class Encoder(nnx.Module):
 
     if n == 0:
       return (x, x[None][:0]) if return_all else x
-    h, ys = jax.lax.scan(L.remat(body, self.policy), x, state)
+    h, ys = jax.lax.scan(L.remat(body, self.policy), x, state, unroll=L.scan_unroll())
     return (h, ys) if return_all else h
 
 
@@ -291,7 +291,8 @@ class CLIPVisionTower(nnx.Module):
     dt = L.canonical_dtype(cfg.dtype)
     x = images[:, :gh * p, :gw * p].astype(dt)  # a strided conv drops the remainder too
     x = x.reshape(b, gh, p, gw, p, c)
-    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.patch_embedding[...].astype(dt)).reshape(b, gh * gw, -1)
+    x = L.with_weight(lambda x, k: jnp.einsum("bhpwqc,pqcd->bhwd", x, k), x, self.patch_embedding[...],
+                      (None, None, "patch", "embed"), dt).reshape(b, gh * gw, -1)  # gathered at use (FSDP)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(dt), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     x = x + interpolate_pos_embed(self.position_embedding[...], cfg.grid, (gh, gw)).astype(dt)

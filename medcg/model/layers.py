@@ -7,6 +7,8 @@ Activations are constrained with `constrain(x, ("act_batch", ...))`, a no-op out
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable, Sequence
 
@@ -34,6 +36,27 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return sharding.constrain(x, names)
 
 
+def with_weight(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, value: jax.Array,
+                names: Sequence[str | None], dtype: DType) -> jax.Array:
+  """`fn(x, w)` with `w` the param `value` cast to `dtype`, in the layout it is used in under a mesh.
+
+  The layout is `sharding.constrain_weight`'s: gathered over the FSDP axes at the point of use, so each layer
+  all-gathers its weights and reduce-scatters their gradients inside the layer scan (without it, libtpu splits
+  every matmul into a windowed loop of collective-permutes). The gather is rematerialised (`jax.checkpoint`
+  around the gather and `fn`): the backward pass gathers again instead of keeping every layer's gathered
+  weights alive from the forward pass, which with remat "none" would hold the whole unsharded model.
+  Values are unchanged; outside a mesh this is `fn(x, value.astype(dtype))`.
+  """
+  if sharding.current_mesh() is None:
+    return fn(x, value.astype(dtype))
+
+  def apply(x, value):
+    return fn(x, sharding.constrain_weight(value.astype(dtype), names))
+
+  # Inside lax.scan CSE cannot merge the backward's gather with the forward's; unrolled it could.
+  return jax.checkpoint(apply, prevent_cse=_UNROLL_SCANS.get())(x, value)
+
+
 def canonical_dtype(name: str | DType) -> DType:
   """'bfloat16' / 'float32' / a dtype -> a jnp dtype, with a clear error."""
   if not isinstance(name, str):
@@ -58,6 +81,7 @@ class Dense(nnx.Module):
                kernel_init: Initializer | None = None, rngs: nnx.Rngs):
     self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
     self.dtype = dtype
+    self.kernel_names = tuple(in_names) + tuple(out_names)  # logical axes, for the compute layout
     fan_in = int(np.prod(self.in_shape))
     kernel_init = kernel_init or nnx.initializers.normal(1.0 / math.sqrt(fan_in))
     self.kernel = nnx.Param(sharded(kernel_init, tuple(in_names) + tuple(out_names))(
@@ -67,7 +91,8 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
-    y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=n_in)
+    y = with_weight(lambda x, k: jnp.tensordot(x.astype(self.dtype), k, axes=n_in), x, self.kernel[...],
+                    self.kernel_names, self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -86,7 +111,8 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+    return with_weight(lambda x, w: jnp.einsum("...e,ve->...v", x.astype(self.dtype), w), x,
+                       self.embedding[...], ("vocab", "embed"), self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -234,6 +260,25 @@ REMAT_POLICIES = {
 }
 
 
+_UNROLL_SCANS = contextvars.ContextVar("medcg_unroll_scans", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Trace the layer scans fully unrolled (XLA's cost analysis counts a loop body once; medcg.aot counts FLOPs
+  of small unrolled models this way). Read at trace time: wrap the lowering, not the call of a cached jit."""
+  token = _UNROLL_SCANS.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL_SCANS.reset(token)
+
+
+def scan_unroll() -> bool | int:
+  """The `unroll` argument of the layer scans: 1 (a loop), or True inside `unrolled_scans()`."""
+  return True if _UNROLL_SCANS.get() else 1
+
+
 def check_remat_policy(policy: str) -> str:
   """Returns `policy` if it names a remat policy ("none" or a `REMAT_POLICIES` key), else raises."""
   if policy != "none" and policy not in REMAT_POLICIES:
@@ -244,8 +289,9 @@ def check_remat_policy(policy: str) -> str:
 def remat(fn: Callable, policy: str) -> Callable:
   """Wraps a per-layer function with `jax.checkpoint` under a named policy ("none" = no remat).
 
-  prevent_cse=False is safe (and faster) because the wrapped function runs inside `lax.scan`.
+  prevent_cse=False is safe (and faster) because the wrapped function runs inside `lax.scan`; unrolled
+  (`unrolled_scans`), XLA would merge the recompute with the forward, so it is prevented there.
   """
   if check_remat_policy(policy) == "none":
     return fn
-  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=_UNROLL_SCANS.get())

@@ -297,7 +297,7 @@ class LLM(nnx.Module):
       x, kv = layer_fn(x, layer_state, kv)
       return x, kv
 
-    x, new_kvs = jax.lax.scan(body, x, (state, kvs))
+    x, new_kvs = jax.lax.scan(body, x, (state, kvs), unroll=L.scan_unroll())
     x = self.final_norm(x)
     out = x if return_hidden else self.logits(x)
     new_cache = None

@@ -129,7 +129,11 @@ class VLM(nnx.Module):
     return self.projector(h), mask
 
   def reduce_tokens(self, patches: jax.Array, text_ids: jax.Array | None):
-    """TRIM hook: (B, N, D) patch features -> (B, k_max + 1, D) kept + mean token, and the slot mask."""
+    """TRIM hook: (B, N, D) patch features -> (B, k_max + 1, D) kept + mean token, and the slot mask.
+
+    Under the trainer's mesh (`sharding.use_mesh`) the Pallas kernels run per batch shard (`trim.trim` wraps them
+    in shard_map over the act_batch axes), so mode "iqr_batch" pools each shard's examples there.
+    """
     from medcg.kernels import trim as trim_lib  # only models with TRIM on need the kernels
     if text_ids is None:
       raise ValueError("TRIM is on: pass text_ids (the CLIP-tokenized question) to the VLM; batches carry "

@@ -26,7 +26,10 @@ RUN_FILE = "run.json"
 # Dotted key prefixes a resumed run may change.
 RESUMABLE = ("train.steps", "train.epochs", "train.log_every", "train.log_batches", "train.nan_check",
              "eval.", "data.eval_mixture", "checkpoint.every", "checkpoint.every_minutes", "checkpoint.keep",
-             "checkpoint.async_save", "experiment.data_counts")
+             "checkpoint.async_save", "experiment.data_counts",
+             # Partitioning and recompute only (a run moved to other hardware): same loss up to float order.
+             "mesh.", "hardware.", "train.accum_steps", "model.vision.remat", "model.text.remat", "model.llm.remat",
+             "model_overrides.remat")
 # What a workdir holds once a run started in it (besides config.json).
 RUN_OUTPUTS = ("checkpoints", "results.json", "metrics.jsonl", RUN_FILE, "eval", "tb")
 

@@ -204,12 +204,60 @@ def use_mesh(mesh: jax.sharding.Mesh, rules: Rules = RULES):
     _CTX.mesh, _CTX.rules = old
 
 
+def current_mesh() -> jax.sharding.Mesh | None:
+  """The mesh of the enclosing use_mesh(), or None."""
+  return _CTX.mesh
+
+
 def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names, when a mesh is current; else x unchanged."""
   if _CTX.mesh is None:
     return x
   spec = logical_to_spec(tuple(names), x.shape, _CTX.mesh, _CTX.rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(_CTX.mesh, spec))
+
+
+def batch_axes(rules: Rules = RULES) -> tuple[str, ...]:
+  """The mesh axes the batch is split over (the act_batch rule): data parallel and FSDP."""
+  return _rule_table(rules).get("act_batch", ())
+
+
+def weight_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: jax.sharding.Mesh,
+                rules: Rules = RULES) -> P:
+  """The layout a weight is *used* in: its param spec without the mesh axes that split the batch.
+
+  FSDP stores a weight split over `fsdp`, which also splits the batch; a matmul cannot use both splits, so the
+  weight must be gathered over those axes where it is used, and its gradient reduce-scattered back. Tensor
+  parallel axes (not batch axes) stay: the matmul runs on the local slice (Megatron).
+  """
+  drop = set(batch_axes(rules))
+  out = []
+  for entry in logical_to_spec(names, shape, mesh, rules):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept = tuple(a for a in axes if a not in drop)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  return P(*out)
+
+
+def constrain_weight(w: jax.Array, names: Iterable[str | None]) -> jax.Array:
+  """`w` (a param's value, logical axes `names`) in its compute layout (`weight_spec`) when a mesh is current.
+
+  Without it the partitioner is free to keep the weight split on its contracting dim at the matmul, and on TPU
+  it then emits a windowed einsum: a loop of collective-permutes per matmul, forward and backward, instead of
+  FSDP's one all-gather of the weight and one reduce-scatter of its gradient per layer. The gradient's transpose
+  of this constraint sums it in the compute layout; the param's own (stored) sharding then keeps each device's
+  slice, which XLA fuses into a reduce-scatter (libtpu on a 2D torus such as v5e-16 keeps all-reduce + slice,
+  even for an explicit psum_scatter). Asking for the stored layout straight from the matmul instead brings the
+  windowed einsum back. Callers apply this after the cast to the compute dtype (the gather then moves bf16).
+  Partitioning only: the values are the same.
+  """
+  if _CTX.mesh is None:
+    return w
+  names = tuple(names)
+  spec = weight_spec(names, w.shape, _CTX.mesh, _CTX.rules)
+  if spec == logical_to_spec(names, w.shape, _CTX.mesh, _CTX.rules):
+    return w  # nothing to gather (data parallel, or dims the FSDP axes do not divide)
+  return jax.lax.with_sharding_constraint(w, NamedSharding(_CTX.mesh, spec))
 
 
 def describe(shardings: Any) -> dict[str, str]:

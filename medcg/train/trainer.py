@@ -9,6 +9,7 @@ data iterator at the same position.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,8 +33,8 @@ from medcg.train import mfu as mfu_lib
 from medcg.train import optimizer as opt_lib
 from medcg.train import provenance
 from medcg.train import run_record
+from medcg.train import state as state_lib
 from medcg.train import sharding as shd
-from medcg.train import step as step_lib
 from medcg.train import tb as tb_lib
 
 
@@ -151,6 +153,93 @@ class _RunLogs:
       self.tb.close()
 
 
+# Benchmarks only (experiments/bench_train.py --loop): True runs the loop as it was before it went asynchronous,
+# the host waiting for every step's loss before it reads and stages the next batch.
+_WAIT_EACH_STEP = False
+# The host runs at most this many steps ahead of the devices (each queued step holds its staged batch in device
+# memory); two keep the next step and its batch ready while one runs.
+STEPS_IN_FLIGHT = 2
+
+
+def _due(every_s: float, last_save: float) -> bool:
+  """Whether a time-based checkpoint is due on this host's clock (checkpoint.every_minutes; 0 = off)."""
+  return bool(every_s) and time.monotonic() - last_save >= every_s
+
+
+class _PendingSteps:
+  """Steps dispatched but not read back yet: each one's loss (a device scalar) and its batch's sample ids.
+
+  The train loop reads them all in one `jax.device_get` at its sync points instead of a blocking `float(loss)`
+  per step, so the host dispatches the next step and stages its batch while the devices run. The ids wait here
+  with their step's loss, so however late the NaN guard reads a loss it names that step's own batch. At most
+  one sync interval (train.log_every steps) is held.
+  """
+
+  def __init__(self):
+    self._steps: list[tuple[int, jax.Array, Any]] = []
+
+  def add(self, step: int, loss: jax.Array, sample_ids) -> None:
+    self._steps.append((step, loss, sample_ids))
+
+  def bound_run_ahead(self, steps_in_flight: int) -> None:
+    """Wait (no transfer) until all but the last `steps_in_flight` pending steps are done, so the host never
+    queues more steps, and their staged batches, than that on the devices: in steady state those steps finished
+    long ago and this returns at once."""
+    if len(self._steps) > steps_in_flight:
+      self._steps[-steps_in_flight - 1][1].block_until_ready()
+
+  def read(self, extra: Any = None) -> tuple[list[tuple[int, float, Any]], Any]:
+    """Pops every pending step as (step, loss, sample_ids) in step order, plus `extra` (a pytree of device
+    arrays, e.g. the last step's metrics) fetched in the same transfer."""
+    steps, self._steps = self._steps, []
+    values, extra = jax.device_get(([loss for _, loss, _ in steps], extra))
+    return [(s, float(v), ids) for (s, _, ids), v in zip(steps, values)], extra
+
+
+class _StepClock:
+  """Average step time since the last sync point.
+
+  With asynchronous dispatch the host cannot see when one step ends without waiting for it, so step time
+  (and tokens/s and MFU from it) is the wall time between two sync points over the steps dispatched in between;
+  the first window holds compilation. Restarted after evaluations and checkpoints, which are not training.
+  """
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self) -> None:
+    self._t0, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+  def tick(self, tokens: int) -> None:
+    self.steps += 1
+    self.tokens += tokens
+
+  def lap(self) -> tuple[float, float]:
+    """(seconds per step, tokens per step) of this host over the window, and a new window starts."""
+    dt = (time.perf_counter() - self._t0) / max(self.steps, 1)
+    tokens = self.tokens / max(self.steps, 1)
+    self.restart()
+    return dt, tokens
+
+
+class _IteratorPosition(grain.DatasetIterator):
+  """The data iterator's position captured before the next batch is read ahead, for the checkpoint of the step
+  just dispatched: that checkpoint must resume after its own batch, not after the one already staged."""
+
+  def __init__(self, it: grain.DatasetIterator):
+    super().__init__()
+    self._state = copy.deepcopy(it.get_state())
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state) -> None:
+    raise TypeError("a saved iterator position; restore into the live iterator")
+
+  def __next__(self):
+    raise TypeError("a saved iterator position yields no batches")
+
+
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
   """jax.distributed.initialize() when more than one process is configured (flags or the environment)."""
   if num_processes > 1 or coordinator:
@@ -207,29 +296,9 @@ def _ckpt_dir(workdir: str) -> str:
 # ------------------------------------------------------------------------------------------------------
 # Model parts and initial parameters: one construction for the trainer, medcg.eval and the AOT tools.
 # ------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class ModelParts:
-  """The abstract model split into trainable / frozen params / the rest, with their shardings on a mesh."""
-  graphdef: Any
-  make_model: Callable[[], Any]
-  trainable: Any
-  abstract: tuple[Any, Any, Any]    # params, frozen, rest (ShapeDtypeStructs)
-  shardings: tuple[Any, Any, Any]
-
-
-def model_parts(config, model_cfg, mesh) -> ModelParts:
-  from medcg.model import vlm as vlm_lib
-  trim_cfg = config.trim if config.trim.enabled else None
-  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
-  frozen_f = opt_lib.frozen_filter(config.train.freeze)
-  trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
-  abstract_model = nnx.eval_shape(make_model)
-  graphdef, abs_params, abs_frozen, abs_rest = nnx.split(abstract_model, trainable_f, nnx.Param, ...)
-  if config.train.freeze:
-    opt_lib.check_patterns_match(nnx.state(abstract_model, nnx.Param), config.train.freeze, "config.train.freeze")
-  abstract = (abs_params, abs_frozen, abs_rest)
-  return ModelParts(graphdef, make_model, trainable_f, abstract,
-                    tuple(shd.param_shardings(a, mesh) for a in abstract))
+# The abstract model and its shardings live in medcg.train.state (shared with medcg.compile).
+ModelParts = state_lib.ModelParts
+model_parts = state_lib.model_parts
 
 
 def params_source(config, has_checkpoint: bool) -> str:
@@ -323,16 +392,11 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
   # --------------------------------------------------------------------------------------------------
   parts = model_parts(config, model_cfg, mesh)
   graphdef = parts.graphdef
-  abs_params = parts.abstract[0]
-  params_sh, frozen_sh, rest_sh = parts.shardings
-  tx, schedule = opt_lib.make_optimizer(config.train, abs_params, max(total_steps, 1))
+  setup = state_lib.train_setup(config, parts, mesh, total_steps)
+  opt_sh = setup.state_shardings["opt_state"]
+  repl = setup.replicated
 
   with shd.use_mesh(mesh):
-    abs_opt = jax.eval_shape(tx.init, abs_params)
-    opt_sh = _opt_shardings(abs_opt, params_sh, mesh)
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = {"params": params_sh, "opt_state": opt_sh, "step": repl}
-
     # ------------------------------------------------------------------------------------------------
     # Checkpoint: resume from this workdir, else init_from (HF or another run), else scratch.
     # ------------------------------------------------------------------------------------------------
@@ -341,30 +405,24 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
                                  best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
     resume_step = ckpt.latest_step()
     if resume_step is None and config.train.init_from:  # shapes from metadata: fail before compiling anything
-      ckpt_lib.check_param_shapes(_ckpt_dir(config.train.init_from), abs_params)
+      ckpt_lib.check_param_shapes(_ckpt_dir(config.train.init_from), parts.abstract[0])
     if jax.process_index() == 0:
       run_record.write_run_record(workdir, config, resumed_from=resume_step, changes=changes)
     params, frozen, rest = initial_params(config, parts, mesh, with_init_from=resume_step is None)
     if resume_step is not None:
       del params
-      abstract_state = {
-          "params": _abstract(abs_params, params_sh),
-          "opt_state": _abstract(abs_opt, opt_sh),
-          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
-      }
-      state = ckpt.restore(abstract_state, train_iter)
+      state = ckpt.restore(setup.abstract_state, train_iter)
       logging.info("resumed from step %d of %s", int(state["step"]), ckpt.directory)
     else:
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+      opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
       state = {"params": params, "opt_state": opt_state,
                "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
 
     # ------------------------------------------------------------------------------------------------
-    # Update step: plain jax.jit with shardings in and out, the state donated.
+    # Update step: plain jax.jit with shardings in and out, the state donated (medcg.train.state, the
+    # same program `python -m medcg.compile` compiles for a target).
     # ------------------------------------------------------------------------------------------------
-    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, config.train.accum_steps),
-                         in_shardings=(state_sh, frozen_sh, rest_sh, None),
-                         out_shardings=(state_sh, repl), donate_argnums=(0,))
+    train_step = setup.step
     flops_per_example = vlm_lib.model_flops(model_cfg, data_cfg.seq_len, training=True, trim=trim_cfg)
     flops_per_step = flops_per_example * config.data.batch_size
 
@@ -382,6 +440,12 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
 
     # ------------------------------------------------------------------------------------------------
     # Train loop: checkpoints at the end, periodically (time and/or steps), on SIGTERM / Ctrl-C.
+    # The host never waits for a step between sync points: it dispatches step N (jax runs it asynchronously),
+    # reads and stages batch N+1 on the devices while N runs, and leaves the losses on the devices. Sync points
+    # are the log steps (every train.log_every, the first and the last) and the evaluation and checkpoint
+    # steps, which wait for the state anyway. There, in order: one device_get of every pending loss, the NaN
+    # guard over them, batches.jsonl rows, metrics, evaluation, checkpoint. So a NaN is caught at most
+    # log_every steps late, with its own step and batch, and always before a checkpoint of a later state.
     # ------------------------------------------------------------------------------------------------
     start = int(state["step"])
     logs = _RunLogs(workdir, keep_through=start if total_steps else -1, log_batches=config.train.log_batches)
@@ -390,13 +454,32 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
     preempted = False
     every_s = 60.0 * float(config.checkpoint.get("every_minutes", 0) or 0)
     last_save = time.monotonic()
+    multihost = jax.process_count() > 1
+    pending = _PendingSteps()
 
-    def save(step, state, eval_metrics=None):
+    def save(step, state, data_at, eval_metrics=None):
       nonlocal last_save
       best_ok = eval_metrics and config.checkpoint.best_metric in eval_metrics
       logs.flush()  # first: once the checkpoint commits, every row up to its step is already stored
-      ckpt.save(step, state, train_iter, metrics=eval_metrics if best_ok else None, force=True)
+      ckpt.save(step, state, data_at, metrics=eval_metrics if best_ok else None, force=True)
       last_save = time.monotonic()
+
+    def read_back(step, m=None):
+      """The sync: every pending step's loss (and `m`) in one transfer, NaN-checked, into losses and logs."""
+      done, m = pending.read(m)
+      for s, loss, ids in done:
+        if s == fail_at_step:
+          loss = float("nan")
+        if config.train.nan_check and not math.isfinite(loss):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"loss is {loss} at step {s}; batch sample ids: {[str(x) for x in np.asarray(ids)]}. The last "
+              f"good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is untouched (losses are "
+              f"checked at log steps and before every checkpoint; this one at step {step}).")
+        losses.append(loss)
+        if config.train.log_batches:
+          logs.batch(s, loss, np.asarray(ids))
+      return m
 
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=jax.process_index() != 0,
@@ -405,50 +488,67 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
       step = start
       if _agree(stop.requested, False)[0]:  # signalled during set-up: nothing new to save
         preempted = True
-      while step < total_steps and not preempted:
-        t0 = time.perf_counter()
+      clock = _StepClock()
+      if step < total_steps and not preempted:
         local = next(train_iter)
         batch = shd.global_batch(local, mesh)
-        state, m = train_step(state, frozen, rest, batch)
+      while step < total_steps and not preempted:
+        state, m = train_step(state, frozen, rest, batch)  # returns at once: step N runs on the devices
         step += 1
-        loss = float(m["loss"])  # one host sync per step: the NaN guard needs it
-        if step == fail_at_step:
-          loss = float("nan")
-        if config.train.nan_check and not math.isfinite(loss):
-          ckpt.wait()
-          ids = [str(s) for s in np.asarray(local.get("sample_id", []))]
-          raise NonFiniteLossError(
-              f"loss is {loss} at step {step}; batch sample ids: {ids}. The last good checkpoint "
-              f"(step {ckpt.latest_step()}) in {ckpt.directory} is untouched.")
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        if config.train.log_batches:
-          logs.batch(step, loss, np.asarray(local["sample_id"]))
-        if step % config.train.log_every == 0 or step == total_steps or step == start + 1:
+        pending.add(step, m["loss"], local.get("sample_id", ()))
+        pending.bound_run_ahead(STEPS_IN_FLIGHT)
+        clock.tick(int(np.sum(local["attention_mask"])))
+        if _WAIT_EACH_STEP:
+          float(m["loss"])
+        is_last = step == total_steps
+        log_now = step % config.train.log_every == 0 or is_last or step == start + 1
+        eval_now = bool(config.eval.every and step % config.eval.every == 0) or is_last
+        save_now = is_last or bool(config.checkpoint.every and step % config.checkpoint.every == 0)
+        synced = log_now or eval_now or save_now
+        # Stop requests and time-based checkpoints: on one host plain flags, agreed on at every step for free.
+        # Across hosts the agreement is a collective, i.e. a sync, so it happens only at steps that sync anyway,
+        # after the next batch is staged: a stop request or a due checkpoint then acts within log_every steps.
+        stop_now, due = (False, False) if multihost else _agree(stop.requested, _due(every_s, last_save))
+        save_now = save_now or stop_now or due
+        # Stage batch N+1 while step N runs. A checkpoint at step N resumes after batch N: when this step may
+        # save, take the iterator's position before reading on.
+        data_at = train_iter
+        if not (is_last or stop_now):
+          if save_now or (multihost and synced):
+            data_at = _IteratorPosition(train_iter)
+          local = next(train_iter)
+          batch = shd.global_batch(local, mesh)
+        if multihost and synced:
+          stop_now, due = _agree(stop.requested, _due(every_s, last_save))
+          save_now = save_now or stop_now or due
+        bar.update(1)
+        if not (synced or save_now):
+          continue
+
+        # A sync point: the pending steps (NaN guard, batch rows), then metrics, evaluation, checkpoint.
+        m = read_back(step, m if log_now else None)
+        if log_now:
           metrics = {k: float(v) for k, v in m.items()}
+          # The average over the steps since the last sync point (_StepClock): one step is not observable.
+          dt, tokens = clock.lap()
           metrics["step_time_s"] = dt
-          metrics["tokens_per_s"] = float(np.sum(local["attention_mask"])) * jax.process_count() / dt
+          metrics["tokens_per_s"] = tokens * jax.process_count() / dt
           u = mfu_lib.mfu(flops_per_step, dt, jax.device_count())
           if u is not None:
             metrics["mfu"] = u
           logs.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
-          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}")
-        bar.update(1)
-        is_last = step == total_steps
-        eval_now = (config.eval.every and step % config.eval.every == 0) or is_last
+          bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
         eval_metrics = {}
         if eval_now:
           eval_metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
           if eval_metrics:
             logs.scalars(step, eval_metrics)
             metrics.update(eval_metrics)
-        stop_now, due = _agree(stop.requested, bool(every_s) and time.monotonic() - last_save >= every_s)
-        if stop_now:
-          save(step, state, eval_metrics)
-          preempted = True
-          break
-        if is_last or due or (config.checkpoint.every and step % config.checkpoint.every == 0):
-          save(step, state, eval_metrics)
+        if save_now:
+          save(step, state, data_at, eval_metrics)
+        if eval_now or save_now:
+          clock.restart()
+        preempted = stop_now
       bar.close()
       if total_steps == 0:  # an untrained arm (the paper's Baseline): evaluate the initial model only
         metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
@@ -519,28 +619,8 @@ def pipeline_config(config, mixture, global_batch: int, num_image_tokens: int, *
   return d
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _opt_shardings(abs_opt, params_sh, mesh):
-  """Optimizer moments shard like the param at the same path (optax keeps the param tree); scalars replicate."""
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  is_sh = lambda x: isinstance(x, jax.sharding.NamedSharding)
-  by_path = {opt_lib.param_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh, is_leaf=is_sh)}
-  # Longest param path first, so "a/b/kernel" wins over "b/kernel".
-  keys = sorted(by_path, key=len, reverse=True)
-
-  def pick(path, x):
-    if getattr(x, "ndim", 0) == 0:
-      return repl
-    name = opt_lib.param_path(path)
-    for key in keys:
-      if name == key or name.endswith("/" + key):
-        return by_path[key]
-    return repl
-
-  return jax.tree_util.tree_map_with_path(pick, abs_opt)
+_abstract = state_lib.abstract
+_opt_shardings = state_lib.opt_shardings
 
 
 class NotAWorkdirError(UserError, FileNotFoundError):
