@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from medcg import configlib
+
 # (model preset, target) -> recipe. mesh: (data, fsdp, tensor); remat: every tower's policy. A recipe with
 # `use` is a pair the compiler showed cannot fit even at the smallest micro-batch (experiments/results/aot_fit.md
 # gives its numbers): `hw=` refuses it and names the nearest target that fits; experiments/aot_fit still compiles
@@ -60,11 +62,7 @@ def apply(config: ml_collections.ConfigDict, model: str, target: str, *,
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = r["mesh"]
   config.mesh.num_devices = 0
   config.train.accum_steps = r["accum_steps"]
-  for tower in ("vision", "text", "llm"):
-    if config.model and config.model.get(tower) is not None:
-      config.model[tower].remat = r["remat"]
-  if config.train.init_from_hf:
-    config.model_overrides.remat = r["remat"]
+  configlib.set_remat(config, r["remat"])
   config.hardware.target = target
   config.hardware.env = ml_collections.ConfigDict(dict(r.get("env", {})))
   return config

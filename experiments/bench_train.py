@@ -387,6 +387,14 @@ def verdict(rows: list[dict], device_kind: str, on_cpu: bool) -> str:
 _atomic_write = fileio.atomic_write_text
 
 
+def _write_report(console, out: str, name: str, report: dict, md: str) -> None:
+  """<out>/<name>.json and .md, each written atomically."""
+  os.makedirs(out, exist_ok=True)
+  _atomic_write(os.path.join(out, name + ".json"), json.dumps(report, indent=2) + "\n")
+  _atomic_write(os.path.join(out, name + ".md"), md)
+  console.print(f"wrote {os.path.join(out, name)}.json and .md")
+
+
 def _device_slug(backend: str, kind: str) -> str:
   if backend == "cpu":
     return "cpu"
@@ -531,11 +539,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   report["verdict"] = verdict(rows, device.device_kind, on_cpu)
   console.print(rich_table(rows, f"medcg train step: {preset} on {device.device_kind}"))
   console.print(report["verdict"])
-  name = "bench_train_" + _device_slug(backend, device.device_kind)
-  os.makedirs(args.out, exist_ok=True)
-  _atomic_write(os.path.join(args.out, name + ".json"), json.dumps(report, indent=2) + "\n")
-  _atomic_write(os.path.join(args.out, name + ".md"), markdown(report))
-  console.print(f"wrote {os.path.join(args.out, name)}.json and .md")
+  _write_report(console, args.out, "bench_train_" + _device_slug(backend, device.device_kind), report,
+                markdown(report))
   return report
 
 
@@ -733,11 +738,8 @@ def loop_main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
   console.print(table)
   console.print("losses bitwise identical across runs: "
                 f"{all(res['summary']['losses_identical'] for res in results)}")
-  name = "bench_train_loop_" + _device_slug(backend, device.device_kind)
-  os.makedirs(args.out, exist_ok=True)
-  _atomic_write(os.path.join(args.out, name + ".json"), json.dumps(report, indent=2) + "\n")
-  _atomic_write(os.path.join(args.out, name + ".md"), loop_markdown(report))
-  console.print(f"wrote {os.path.join(args.out, name)}.json and .md")
+  _write_report(console, args.out, "bench_train_loop_" + _device_slug(backend, device.device_kind), report,
+                loop_markdown(report))
   return report
 
 

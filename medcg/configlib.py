@@ -125,3 +125,13 @@ def base_config() -> ml_collections.ConfigDict:
       max_new_tokens=8,
   ))
   return c
+
+
+def set_remat(config, policy: str) -> None:
+  """One remat policy for every tower, wherever the model config comes from (a preset, or Hugging Face weights
+  through `model_overrides`)."""
+  for tower in ("vision", "text", "llm"):
+    if config.model and config.model.get(tower) is not None:
+      config.model[tower].remat = policy
+  if config.train.init_from_hf:
+    config.model_overrides.remat = policy

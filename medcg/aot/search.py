@@ -14,7 +14,6 @@ from typing import Any, Callable
 import ml_collections
 
 from medcg.aot import step_compile
-from medcg.train import sharding as shd
 
 REMATS = ("none", "dots_with_no_batch_dims_saveable", "full")
 MIN_HEADROOM = 0.05
@@ -64,7 +63,7 @@ def search(config, target_name: str, devices, *, log: Callable[[str], None] = pr
     row = {**cand, "mesh": dict(cand["mesh"]), "fits": bool(ok), "peak_bytes": peak, "usable_bytes": usable,
            "compile_s": train["compile_s"]}
     tried.append(row)
-    log(f"  remat={cand['remat']:<34} accum={cand['accum_steps']:<3} mesh={shd.MESH_AXES and cand['mesh']}  "
+    log(f"  remat={cand['remat']:<34} accum={cand['accum_steps']:<3} mesh={cand['mesh']}  "
         f"peak={_gib(peak)} of {_gib(usable)}  {'fits' if ok else 'does not fit'}")
     if ok:
       return {"criterion": CRITERION, "tried": tried, "best": report, "best_candidate": row}

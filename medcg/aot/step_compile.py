@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medcg import configlib
 from medcg.aot import targets as targets_lib
 from medcg.errors import ConfigError, UserError
 from medcg.train import sharding as shd
@@ -82,13 +84,7 @@ def abstract_batch(config, model_cfg, mesh, batch_size: int | None = None) -> di
   return batch
 
 
-def set_remat(config, policy: str) -> None:
-  """One remat policy for every tower, wherever the model config comes from (preset or HF overrides)."""
-  for tower in ("vision", "text", "llm"):
-    if config.model and config.model.get(tower) is not None:
-      config.model[tower].remat = policy
-  if config.train.init_from_hf:
-    config.model_overrides.remat = policy
+set_remat = configlib.set_remat
 
 
 def remat_of(config) -> str:
@@ -139,7 +135,6 @@ _OOM_NEEDED = (r"HLO temporaries \(([\d.]+)([KMGT])\)", r"required[^(]*\(([\d.]+
 
 def parse_oom(message: str) -> dict[str, int] | None:
   """{'needed', 'available'} bytes from libtpu's CompileTimeHbmOom / RESOURCE_EXHAUSTED message."""
-  import re
   available = targets_lib.parse_available_hbm(message)
   if available is None:
     return None
