@@ -27,11 +27,13 @@ data=medmat reads the counts from `<shards>/manifest.json` when it exists, else 
 shape (`splits.release_counts()`: ID subsets at 3,000, OOD subsets at `ood_train`); the pipeline fails on
 a subset that is not there, so the planning counts never reach a real run unnoticed.
 
-Recipes follow the model, not the data. tiny: from scratch, the corpus BPE tokenizer (`python -m medcg.data
-tokenizer DIR`; a prompt is ~90 BPE tokens instead of ~220 bytes), 32 px, AdamW lr 2e-3, global batch 32.
+Recipes follow the model, not the data. From-scratch presets (tiny, tiny-qwen2vl; models.FROM_SCRATCH): the
+corpus BPE tokenizer (`python -m medcg.data tokenizer DIR`; a prompt is ~90 BPE tokens instead of ~220 bytes), the
+preset's small image (tiny 32 px, tiny-qwen2vl 112 px), AdamW lr 2e-3, global batch 32.
 Pretrained presets (paper §2.2 / App. A.5-A.6): 5 epochs, global batch 32, lr 5e-6 for
-LLaVA (2e-6 for Qwen2-VL / Llama-3.2-V), bf16 compute, the CLIP vision tower (and the CLIP text tower, present
-only with TRIM) frozen, FSDP mesh, LLaVA-1.5 chat template; `hf=DIR` starts from local weights.
+LLaVA (2e-6 for Qwen2-VL / Llama-3.2-V), bf16 compute, the vision tower (and CLIP's text tower, present only with
+TRIM) frozen, FSDP mesh, the family's chat template (LLaVA-1.5 `llava_v1`; Qwen2-VL `qwen2_vl` with the
+checkpoint's tokenizer.json); `hf=DIR` starts from local weights.
 """
 from __future__ import annotations
 
@@ -66,9 +68,10 @@ GLOBAL_BATCH = 32
 DEFAULT_OOD_TRAIN = 1000
 # Paper learning rates by backbone family (§2.2, App. A.5); medcg presets are LLaVA-1.5.
 RECIPE_LR = {"llava": 5e-6, "qwen2-vl": 2e-6, "llama-3.2-v": 2e-6}
-# Param path prefixes of medcg.model.vlm.VLM: vision / text (CLIP towers), projector, llm. One regex for both
-# towers: the text tower exists only with TRIM, and the vision tower always matches (the trainer rejects a
-# freeze pattern that matches nothing), so `--config.trim.enabled=True` needs no freeze change.
+# Param path prefixes: LLaVA (medcg.model.vlm.VLM) vision / text (CLIP towers), projector, llm; Qwen2-VL
+# (medcg.model.qwen_vl.QwenVLM) vision, merger, llm. One regex for both towers: the text tower exists only with
+# TRIM, and the vision tower always matches (the trainer rejects a freeze pattern that matches nothing), so
+# `--config.trim.enabled=True` needs no freeze change. The projector / merger and the LLM are trained.
 FROZEN_TOWERS = ("(vision|text)/.*",)
 
 
@@ -200,10 +203,11 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     raise ValueError("config: the evaluation mixture is empty")
 
   c.data.truncation = "question"  # only the free-text instruction may shorten, never options or answer
-  if args.model == "tiny":  # from scratch: the corpus BPE tokenizer, 32 px, a CPU-sized schedule
+  if args.model in models.FROM_SCRATCH:  # the corpus BPE tokenizer, a small image, a CPU-sized schedule
     c.model = models.get(args.model)
-    c.model.vision.image_size = SYNTH_IMAGE_SIZE
-    c.data.image_size = SYNTH_IMAGE_SIZE
+    if args.model == "tiny":
+      c.model.vision.image_size = SYNTH_IMAGE_SIZE
+    c.data.image_size = c.model.vision.image_size
     c.data.seq_len = SYNTH_SEQ_LEN
     c.data.chat_template = "plain"
     # A from-scratch model answers with the option's text, not its letter: binding a letter to an option
@@ -218,7 +222,8 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     c.model = models.get(args.model, dtype="bfloat16", param_dtype="float32", remat="full")
     c.data.image_size = c.model.vision.image_size
     c.data.seq_len = MEDMAT_SEQ_LEN
-    c.data.chat_template = "llava_v1"
+    qwen = backbone_family(args.model) == "qwen2-vl"
+    c.data.chat_template = "qwen2_vl" if qwen else "llava_v1"
     c.train.lr = RECIPE_LR[backbone_family(args.model)]
     c.train.epochs = args.epochs or MEDMAT_EPOCHS
     c.train.warmup_frac = 0.03
@@ -228,11 +233,11 @@ def build_config(args, setting: DataSetting, *, train_mixture: Sequence[Sequence
     if args.hf:  # the model config then comes from the checkpoint, with the same compute settings
       c.train.init_from_hf = args.hf
       c.model_overrides.update(dtype="bfloat16", param_dtype="float32", remat="full")
-      c.data.tokenizer.kind = "hf"
+      c.data.tokenizer.kind = "qwen" if qwen else "hf"
       c.data.tokenizer.path = os.path.join(args.hf, "tokenizer.json")
   if args.hw:  # a fit recipe (configs/hardware.py): mesh, remat and accumulation for that target
-    if args.model == "tiny":
-      raise ValueError("config arg 'hw': fit recipes are for the pretrained-size presets, not tiny")
+    if args.model in models.FROM_SCRATCH:
+      raise ValueError(f"config arg 'hw': fit recipes are for the pretrained-size presets, not {args.model}")
     from configs import hardware
     hardware.apply(c, args.model, args.hw)
   from medcg.model import vlm

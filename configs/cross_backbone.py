@@ -2,11 +2,17 @@
 
 The 8 rows are Table 3 rows 9, 13, 16, 17, 24, 26, 37, 38 (two per direction type, picked by the paper with seed
 42, App. A.5). `backbone` (llava | qwen2-vl | llama-3.2-v) chooses the paper column to compare with and, on the
-release, the recipe (lr 5e-6 for LLaVA, 2e-6 for Qwen2-VL / Llama-3.2-V); `model` is the medcg preset that runs
-(medcg ships LLaVA-1.5 presets; `data=medmat,backbone=qwen2-vl` needs `model=` a matching preset).
-Arms: `baseline` (untrained), `related` (trained), `baseline_plus` on request.
+release, the recipe (lr 5e-6 for LLaVA, 2e-6 for Qwen2-VL / Llama-3.2-V; 5 epochs, batch 32, full fine-tune of
+the decoder and merger with the vision tower frozen); `model` is the medcg preset that runs and must belong to the
+backbone on the release: LLaVA-1.5 presets, or `qwen2-vl-7b` (also `qwen2.5-vl-3b` / `qwen2.5-vl-7b`) with
+`hf=` the Qwen2-VL-7B-Instruct checkpoint. Llama-3.2-Vision has no preset yet. Arms: `baseline` (untrained),
+`related` (trained), `baseline_plus` on request.
 
   python -m medcg.train --config configs/cross_backbone.py:row=16,arm=related,seed=1 --workdir runs/xb/r16_s1
+  python -m medcg.train --config configs/cross_backbone.py:backbone=qwen2-vl,data=medmat,model=qwen2-vl-7b,\
+hf=ckpt/Qwen2-VL-7B-Instruct,hw=v5p-8 --workdir runs/xb/qwen_r16
+  python -m medcg.train --config configs/cross_backbone.py:backbone=qwen2-vl,model=tiny-qwen2vl --workdir \
+      runs/xb/tiny_qwen   # the Qwen2-VL architecture from scratch on SynthMAT (CPU)
   python -m experiments.sweep --config configs/cross_backbone.py --launcher local
   python -m experiments.sweep --config configs/cross_backbone.py:data=medmat,hf=ckpt/llava-1.5-7b-hf --launcher pod \
       --tpu my-v5p --zone us-east5-a

@@ -5,7 +5,14 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU's concurrency-optimised scheduler lets the 8 fake devices (threads on 2 cores) start independent
+# collectives in different orders; with fsdp x tensor meshes (e.g. the Qwen2-VL towers at fsdp=4, tensor=2) their
+# rendezvous then wait on each other until XLA aborts the process after 40 s. The default scheduler keeps one order.
+CPU_COLLECTIVE_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
+  _flags = f"{_flags} {CPU_COLLECTIVE_FLAGS}"
+os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TPU AOT tests load libtpu compile-only (no chips): its process lock must not fail a concurrent compile.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

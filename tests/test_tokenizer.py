@@ -10,7 +10,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from medcg.data import pipeline
 from medcg.data import prompt as prompt_lib
-from medcg.data.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
+from medcg.data.tokenizer import (TOKENIZER_KINDS, ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
                                   make_tokenizer)
 
 CORPUS = [
@@ -86,6 +86,23 @@ def test_hf_tokenizer_errors(hf_path, tmp_path):
     HFTokenizer(bad)
 
 
+def test_tokenizers_without_bos(hf_path, sp_path, tmp_path):
+  """bos=None (HF), bos="" (both) or a sentencepiece model without a BOS piece: bos_id is None."""
+  for bos in (None, ""):
+    tok = HFTokenizer(hf_path, bos=bos, eos="</s>", pad="<pad>")
+    assert tok.bos_id is None and None not in tok._specials
+    assert tok.decode(tok.encode("Stone") + [tok.eos_id]) == "Stone"
+  assert SentencePieceTokenizer(sp_path, bos="").bos_id is None
+  (tmp_path / "corpus.txt").write_text("\n".join(CORPUS))
+  sentencepiece.SentencePieceTrainer.Train(
+      input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "nobos"), vocab_size=120, model_type="bpe",
+      character_coverage=1.0, bos_id=-1, pad_id=3, minloglevel=2)
+  tok = SentencePieceTokenizer(tmp_path / "nobos.model")
+  assert tok.bos_id is None and tok.decode(tok.encode("Cyst")) == "Cyst"
+  out = prompt_lib.PromptEncoder(tok, "plain", num_image_tokens=2, seq_len=200).encode(RECORD)
+  assert list(out["input_ids"][:2]) == [tok.image_token_id] * 2  # nothing before the image
+
+
 def test_sentencepiece_tokenizer(sp_path):
   tok = SentencePieceTokenizer(sp_path)
   sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_path))
@@ -111,6 +128,10 @@ def test_make_tokenizer(hf_path, sp_path):
     make_tokenizer({"kind": "wordpiece"})
   with pytest.raises(ValueError, match="needs tokenizer.path"):
     make_tokenizer({"kind": "hf"})
+  cfg.update(bos="None")  # "" / "none" in a config: no BOS (None itself means "the default")
+  assert make_tokenizer(cfg).bos_id is None
+  assert make_tokenizer({"kind": "sentencepiece", "path": str(sp_path), "bos": ""}).bos_id is None
+  assert "qwen" in TOKENIZER_KINDS
 
 
 def test_question_choice_matches_release_format():

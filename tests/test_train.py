@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import CPU_COLLECTIVE_FLAGS
 from configs import models
 from medcg import configlib
 from medcg.errors import UserError
@@ -95,7 +96,7 @@ def final_params(workdir):
 
 def env(devices: int = 8) -> dict:
   e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {CPU_COLLECTIVE_FLAGS}"
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
   return e

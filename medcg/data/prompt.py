@@ -5,7 +5,8 @@ The question text is the release's `Question-choice` field (medmat.md §1.2): th
 A template puts it in a chat turn with one `<image>` placeholder, which expands to `num_image_tokens`
 copies of the tokenizer's `image_token_id`; the answer is the letter (plus eos).
 
-Token layout (DEVELOPING.md batch contract): `[bos] prompt... answer... eos pad...`. The answer's ids
+Token layout (DEVELOPING.md batch contract): `[bos] prompt... answer... eos pad...`; bos only when the
+tokenizer has one (`bos_id` not None; Qwen2-VL has none). The answer's ids
 are read off the tokenization of prompt+answer when it extends the prompt-only tokenization, so a
 training sequence starts with exactly the ids a generation prompt has (LLaVA tokenizes the same way).
 """
@@ -26,6 +27,7 @@ TEXT_INSTRUCTION = "Answer with the option's text from the given choices directl
 ANSWER_FORMATS = ("letter", "text")
 LETTERS = "ABCD"
 
+QWEN2_VL_SYSTEM = "You are a helpful assistant."
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -50,6 +52,14 @@ class ChatTemplate:
 TEMPLATES = {
     # LLaVA-1.5 `conv_vicuna_v1` (sep " ", sep2 "</s>"), as Med-MAT trained LLaVA-v1.5.
     "llava_v1": ChatTemplate("llava_v1", LLAVA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"),
+    # Qwen2-VL-Instruct's chat template (tokenizer_config.json) for one user turn [image, text] with
+    # add_generation_prompt=True; `<image>` expands to <|image_pad|> ids, the answer has no leading space and
+    # ends in the tokenizer's eos (<|im_end|> for medcg.data.tokenizer.qwen_tokenizer).
+    "qwen2_vl": ChatTemplate(
+        "qwen2_vl",
+        f"<|im_start|>system\n{QWEN2_VL_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><image><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n",
+        answer="{letter}"),
     # No chat scaffolding: for tiny from-scratch models.
     "plain": ChatTemplate("plain", "<image>\n{question}\nAnswer:"),
 }
@@ -120,9 +130,9 @@ class PromptEncoder:
     self.truncation = truncation
     before_image, rest = self.template.prompt.split(IMAGE_PLACEHOLDER)
     self._after_image, self._after_question = rest.split(QUESTION_FIELD)
-    # Constant head, tokenized once: bos, the text before the image, the image tokens.
-    self._head = ([tokenizer.bos_id] + tokenizer.encode(before_image)
-                  + [tokenizer.image_token_id] * num_image_tokens)
+    # Constant head, tokenized once: bos (if the tokenizer has one), the text before the image, the image tokens.
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    self._head = bos + tokenizer.encode(before_image) + [tokenizer.image_token_id] * num_image_tokens
 
   def _tail_ids(self, question: str, options: Sequence[str], answer: str | None):
     """Ids of the prompt after the image and of the answer (None when not asked for)."""

@@ -1,9 +1,11 @@
 """Tokenizers behind one small protocol: bytes for from-scratch models, HF / sentencepiece files for pretrained.
 
-The pipeline only needs `encode` (no special tokens), `decode` and five ids. The image token is a
-placeholder the VLM overwrites with projected image features; a pretrained vocabulary rarely has one,
-so when the named image token is missing it gets the first id past the vocabulary (`vocab_size` grows
-by one) and `encode` never produces it. All tokenizers pickle (grain worker processes need that).
+The pipeline only needs `encode` (no special tokens), `decode` and five ids. `bos_id` may be None: some
+families (Qwen2 / Qwen2-VL) have no BOS token, and a sequence then starts with the chat template's text.
+The image token is a placeholder the VLM overwrites with projected image features; a pretrained vocabulary
+rarely has one, so when the named image token is missing it gets the first id past the vocabulary
+(`vocab_size` grows by one) and `encode` never produces it. All tokenizers pickle (grain worker processes
+need that).
 Tokenizer files may live on `gs://` (read whole through `medcg.fileio`, then parsed from memory).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from medcg import fileio
 class Tokenizer(Protocol):
   """What the pipeline and the evaluators need from a tokenizer."""
   vocab_size: int
-  bos_id: int
+  bos_id: int | None  # None: the tokenizer has no BOS (nothing is prepended)
   eos_id: int
   pad_id: int
   image_token_id: int
@@ -56,6 +58,10 @@ class ByteTokenizer:
     return f"ByteTokenizer(vocab_size={self.vocab_size})"
 
 
+# A `bos` of "" means "no BOS token" to both file tokenizers (an empty string is never a token).
+NO_BOS = ""
+
+
 def _resolve(token: int | str | None, lookup) -> int | None:
   """An id given as int, or as a token string looked up in the vocabulary (None if absent)."""
   if token is None or isinstance(token, int):
@@ -63,14 +69,20 @@ def _resolve(token: int | str | None, lookup) -> int | None:
   return lookup(token)
 
 
+def _specials(*ids: int | None) -> frozenset[int]:
+  """The ids decode drops; a missing (None) bos is no id."""
+  return frozenset(i for i in ids if i is not None)
+
+
 class HFTokenizer:
   """A Hugging Face `tokenizers` JSON file (`tokenizer.json`) with named or numbered special tokens.
 
-  bos/eos must exist in the vocabulary; pad falls back to eos (padding is masked anyway); a missing
-  image token gets the first id past the vocabulary.
+  bos/eos must exist in the vocabulary, except `bos=None` (or "") for a tokenizer without one (Qwen2):
+  then `bos_id` is None. pad falls back to eos (padding is masked anyway); a missing image token gets
+  the first id past the vocabulary.
   """
 
-  def __init__(self, tokenizer_json_path: str | os.PathLike, *, bos: int | str = "<s>",
+  def __init__(self, tokenizer_json_path: str | os.PathLike, *, bos: int | str | None = "<s>",
                eos: int | str = "</s>", pad: int | str | None = None, image: int | str = "<image>"):
     self.path = os.fspath(tokenizer_json_path)
     remote = fileio.is_remote(self.path)
@@ -85,7 +97,7 @@ class HFTokenizer:
       raise ValueError(f"HFTokenizer: cannot read {self.path}: {e}") from e
     base_size = self._tok.get_vocab_size(with_added_tokens=True)
     lookup = self._tok.token_to_id
-    self.bos_id = self._required(bos, "bos")
+    self.bos_id = None if bos is None or bos == NO_BOS else self._required(bos, "bos")
     self.eos_id = self._required(eos, "eos")
     pad_id = _resolve(pad, lookup)
     if pad is not None and pad_id is None:
@@ -94,7 +106,7 @@ class HFTokenizer:
     image_id = _resolve(image, lookup)
     self.image_token_id = base_size if image_id is None else image_id
     self.vocab_size = max(base_size, self.image_token_id + 1)
-    self._specials = frozenset({self.bos_id, self.eos_id, self.pad_id, self.image_token_id})
+    self._specials = _specials(self.bos_id, self.eos_id, self.pad_id, self.image_token_id)
 
   def _required(self, token: int | str, what: str) -> int:
     found = _resolve(token, self._tok.token_to_id)
@@ -113,7 +125,10 @@ class HFTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A sentencepiece model file; bos/eos/pad come from the model unless given (pad falls back to eos)."""
+  """A sentencepiece model file; bos/eos/pad come from the model unless given (pad falls back to eos).
+
+  A model without a BOS piece (trained with bos_id=-1), or `bos=""`, gives `bos_id` None (no BOS).
+  """
 
   def __init__(self, model_path: str | os.PathLike, *, bos: int | str | None = None,
                eos: int | str | None = None, pad: int | str | None = None, image: int | str = "<image>"):
@@ -146,13 +161,14 @@ class SentencePieceTokenizer:
         raise ValueError(f"SentencePieceTokenizer: {what} token {token!r} not in {self.path}")
       return found
 
-    self.bos_id = pick(bos, self._sp.bos_id(), "bos")
+    no_bos = bos == NO_BOS or (bos is None and self._sp.bos_id() < 0)
+    self.bos_id = None if no_bos else pick(bos, self._sp.bos_id(), "bos")
     self.eos_id = pick(eos, self._sp.eos_id(), "eos")
     self.pad_id = pick(pad, self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id, "pad")
     image_id = _resolve(image, lookup)
     self.image_token_id = size if image_id is None else image_id
     self.vocab_size = max(size, self.image_token_id + 1)
-    self._specials = frozenset({self.bos_id, self.eos_id, self.pad_id, self.image_token_id})
+    self._specials = _specials(self.bos_id, self.eos_id, self.pad_id, self.image_token_id)
     self._size = size
 
   def encode(self, text: str) -> list[int]:
@@ -165,14 +181,49 @@ class SentencePieceTokenizer:
     return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
+# Qwen2 / Qwen2-VL special tokens (ids of the Qwen2-VL checkpoints' tokenizer.json): the chat turns end with
+# <|im_end|> (151645, the Instruct models' eos), <|endoftext|> (151643) pads, <|image_pad|> (151655) is the
+# image placeholder between <|vision_start|> (151652) and <|vision_end|> (151653). There is no BOS.
+QWEN_SPECIALS = {"eos": "<|im_end|>", "pad": "<|endoftext|>", "image": "<|image_pad|>"}
+# Tokens the "qwen2_vl" chat template writes as text: they must be single (added) tokens of the file.
+QWEN_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def qwen_tokenizer(path: str | os.PathLike, *, bos: int | str | None = None, eos: int | str = QWEN_SPECIALS["eos"],
+                   pad: int | str = QWEN_SPECIALS["pad"], image: int | str = QWEN_SPECIALS["image"]) -> HFTokenizer:
+  """A Qwen2-VL checkpoint's tokenizer: its tokenizer.json (or the checkpoint directory holding it), no BOS.
+
+  Checks the chat-template tokens exist, so the "qwen2_vl" template cannot silently tokenize
+  "<|im_start|>" as plain text.
+  """
+  path = os.fspath(path)
+  if fileio.path(path).is_dir() if fileio.is_remote(path) else os.path.isdir(path):
+    path = fileio.join(path, "tokenizer.json")
+  tok = HFTokenizer(path, bos=bos, eos=eos, pad=pad, image=image)
+  missing = [t for t in QWEN_TEMPLATE_TOKENS if tok._tok.token_to_id(t) is None]
+  if missing:
+    raise ValueError(f"qwen_tokenizer: {path} lacks the Qwen chat tokens {missing} (not a Qwen2 tokenizer.json?)")
+  return tok
+
+
+TOKENIZER_KINDS = ("byte", "hf", "sentencepiece", "qwen")
+
+
+def _config_bos(value: Any) -> int | str | None:
+  """tokenizer.bos: None (unset) keeps the default; "" or "none" (any case) means no BOS (NO_BOS)."""
+  if isinstance(value, str) and value.strip().lower() in ("", "none"):
+    return NO_BOS
+  return value
 
 
 def make_tokenizer(cfg: Mapping[str, Any] | Any) -> Tokenizer:
   """Builds a tokenizer from a config section (a ConfigDict or a dict).
 
-  Fields: `kind` ("byte" | "hf" | "sentencepiece"); for "hf" / "sentencepiece" `path` (the
-  tokenizer.json or .model file) and optional `bos`, `eos`, `pad`, `image` (token strings or ids).
+  Fields: `kind` ("byte" | "hf" | "sentencepiece" | "qwen"); for the file kinds `path` (the tokenizer.json
+  or .model file; for "qwen" also the checkpoint directory holding tokenizer.json) and optional `bos`,
+  `eos`, `pad`, `image` (token strings or ids; unset: the kind's defaults). `bos: ""` or `bos: "none"`
+  means the tokenizer has no BOS (a ConfigDict cannot tell an unset key from None, so None is "default").
+  "qwen" defaults to no BOS, eos <|im_end|>, pad <|endoftext|>, image <|image_pad|>.
   """
   get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
   kind = get("kind", "byte")
@@ -182,9 +233,14 @@ def make_tokenizer(cfg: Mapping[str, Any] | Any) -> Tokenizer:
     raise ValueError(f"tokenizer.kind={kind!r}: expected one of {TOKENIZER_KINDS}")
   path = get("path", None)
   if not path:
-    raise ValueError(f"tokenizer.kind={kind!r} needs tokenizer.path (the tokenizer file)")
+    what = "the tokenizer.json or the checkpoint directory" if kind == "qwen" else "the tokenizer file"
+    raise ValueError(f"tokenizer.kind={kind!r} needs tokenizer.path ({what})")
   specials = {k: get(k, None) for k in ("bos", "eos", "pad", "image")}
   specials = {k: v for k, v in specials.items() if v is not None}
+  if "bos" in specials:
+    specials["bos"] = _config_bos(specials["bos"])
+  if kind == "qwen":
+    return qwen_tokenizer(path, **specials)
   if kind == "hf":
     return HFTokenizer(path, **specials)
   return SentencePieceTokenizer(path, **specials)

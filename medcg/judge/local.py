@@ -70,7 +70,8 @@ class VLMGenerator:
     self.batch_size, self.length_multiple = int(batch_size), int(length_multiple)
     before, rest = self.template.prompt.split(prompt_lib.IMAGE_PLACEHOLDER)
     self._after_image, self._after_question = rest.split(prompt_lib.QUESTION_FIELD)
-    self._head = [tokenizer.bos_id] + tokenizer.encode(before) + [tokenizer.image_token_id] * model.num_image_tokens
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 tokenizers have no BOS
+    self._head = bos + tokenizer.encode(before) + [tokenizer.image_token_id] * model.num_image_tokens
     eos = model.llm.cfg.eos_token_id
     eos = [tokenizer.eos_id] if eos is None else list(eos if isinstance(eos, (list, tuple)) else [eos])
     self.eos_ids = tuple(sorted({int(e) for e in eos} | {int(tokenizer.eos_id)}))
@@ -138,7 +139,7 @@ def medcg_judge(cfg: ml_collections.ConfigDict) -> LocalJudge:
     raise ValueError(f"config judge.checkpoint={path!r}: expected a LLaVA safetensors checkpoint directory "
                      "(with config.json) or a medcg.train workdir (with run.json)")
   tokenizer = tok_lib.HFTokenizer(cfg.tokenizer or os.path.join(path, "tokenizer.json"))
-  model = vlm_lib.load_llava(path, dtype=cfg.dtype)
+  model = vlm_lib.load_vlm(path, dtype=cfg.dtype)
   if tokenizer.image_token_id != model.image_token_id:
     raise ValueError(f"config judge.tokenizer: its <image> id {tokenizer.image_token_id} differs from the "
                      f"checkpoint's image_token_index {model.image_token_id} ({path})")

@@ -21,7 +21,8 @@ tensors `{i}=0..n-1` are stacked along the param's leading `layers` axis. When b
 rule expands over every matching param (unscanned layer lists).
 
 Transforms say how a torch tensor becomes the NNX array: `IDENTITY`, `LINEAR` (torch Linear
-`[out, in]` -> `[in, out]`), `CONV` (torch `(O, I, H, W)` -> `(H, W, I, O)`). After the permutation
+`[out, in]` -> `[in, out]`), `CONV` (torch `(O, I, H, W)` -> `(H, W, I, O)`), `CONV3D` (`(O, I, T, H, W)` ->
+`(I, T, H, W, O)`). After the permutation
 each axis may be split into consecutive target axes (heads: `[H*D, E]` -> `[E, H, D]`); the target
 shape comes from the abstract state, so one `LINEAR` rule covers q/k/v/o projections of any layout.
 
@@ -181,6 +182,7 @@ class Transform:
 IDENTITY = Transform("identity")
 LINEAR = Transform("linear", (1, 0))
 CONV = Transform("conv", (2, 3, 1, 0))
+CONV3D = Transform("conv3d", (1, 2, 3, 4, 0))  # torch Conv3d (O, I, T, H, W) -> (I, T, H, W, O)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,7 +463,7 @@ def llm_table(cfg) -> MappingTable:
 
 
 __all__ = [
-    "CONV", "Checkpoint", "CheckpointError", "IDENTITY", "LINEAR", "LLM_ARCHITECTURES",
+    "CONV", "CONV3D", "Checkpoint", "CheckpointError", "IDENTITY", "LINEAR", "LLM_ARCHITECTURES",
     "MappingTable", "Rule", "llm_table",
     "Transform", "check_architecture", "load_params", "named_table", "open_checkpoint",
 ]

@@ -193,15 +193,37 @@ def rope_type(scaling: dict | None) -> str:
   return kind
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates x (B, T, heads, head_dim) by positions (B, T), rotate_half layout, in float32."""
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # (B, T, D/2)
+def rope_angles(positions: jax.Array, inv_freq: jax.Array, mrope_section=None) -> jax.Array:
+  """RoPE angles (B, T, D/2) for positions (B, T), or multimodal positions (3, B, T) (M-RoPE).
+
+  M-RoPE (Qwen2-VL): frequency j takes its position from component c(j) (temporal, height, width), where
+  `mrope_section` (e.g. (16, 24, 24), summing to D/2) splits the frequencies into consecutive runs. Text tokens
+  carry equal components, so for them M-RoPE is plain RoPE; (B, T) positions are used for every component.
+  """
+  inv_freq = inv_freq.astype(jnp.float32)
+  positions = positions.astype(jnp.float32)
+  if positions.ndim == 2 or not mrope_section:
+    if positions.ndim == 3:
+      raise ValueError("multimodal positions (3, B, T) need an LLM config with mrope_section")
+    return positions[..., None] * inv_freq
+  component = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)  # (D/2,) which of t, h, w
+  per_freq = jnp.moveaxis(positions[component], 0, -1)  # (B, T, D/2)
+  return per_freq * inv_freq
+
+
+def apply_rope_angles(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotates x (B, T, heads, head_dim) by angles (B, T, head_dim/2), rotate_half layout, in float32."""
   cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
   return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates x (B, T, heads, head_dim) by positions (B, T), rotate_half layout, in float32."""
+  return apply_rope_angles(x, rope_angles(positions, inv_freq))
 
 
 def dynamic_ntk_inv_freq(inv_freq: jax.Array, head_dim: int, theta: float, scaling: dict,

@@ -38,6 +38,7 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
       rms_norm_eps=1e-5,
       rope_theta=10000.0,
       rope_scaling=None,            # HF rope_scaling dict: linear / dynamic / llama3
+      mrope_section=None,           # Qwen2-VL M-RoPE: frequencies per (temporal, height, width), sum head_dim/2
       max_position_embeddings=4096,
       tie_word_embeddings=False,
       qkv_bias=False,               # Qwen2
@@ -65,6 +66,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if cfg.head_dim % 2:
     raise ValueError(f"head_dim={cfg.head_dim} must be even for RoPE")
   L.rope_type(cfg.rope_scaling)
+  section = cfg.get("mrope_section")
+  if section is not None:
+    section = tuple(section)
+    if not section or any(not isinstance(n, int) or n < 1 for n in section) or sum(section) != cfg.head_dim // 2:
+      raise ValueError(f"mrope_section={list(section)} must be positive ints summing to head_dim/2="
+                       f"{cfg.head_dim // 2} (one run of rotary frequencies per temporal / height / width position)")
+    if L.rope_type(cfg.rope_scaling) != "default":
+      raise ValueError(f"mrope_section with rope_scaling {cfg.rope_scaling!r}: M-RoPE takes unscaled frequencies")
   L.check_remat_policy(cfg.remat)
   if (cfg.attention_impl or "auto") not in L.ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={cfg.attention_impl!r}; choose one of {L.ATTENTION_IMPLS}")
@@ -161,9 +170,9 @@ class Attention(nnx.Module):
                    use_bias=cfg.o_bias, **kw)
     self.impl = cfg.attention_impl
 
-  def __call__(self, x, *, mask, positions, inv_freq, kv=None, index=None):
-    q = L.apply_rope(self.q(x), positions, inv_freq)
-    k = L.apply_rope(self.k(x), positions, inv_freq)
+  def __call__(self, x, *, mask, angles, kv=None, index=None):
+    q = L.apply_rope_angles(self.q(x), angles)
+    k = L.apply_rope_angles(self.k(x), angles)
     v = self.v(x)
     q = L.constrain(q, ("act_batch", "act_len", "act_heads", None))
     if kv is not None:  # write this step's keys/values into the cache slots [index, index + T)
@@ -256,7 +265,9 @@ class LLM(nnx.Module):
     """Forward pass.
 
     input_ids (B, T) int or inputs_embeds (B, T, embed); attention_mask (B, T), 1 on real tokens
-    (default all ones); positions (B, T) (default `cumsum(mask) - 1`, continuing from the cache).
+    (default all ones); positions (B, T) (default `cumsum(mask) - 1`, continuing from the cache), or (3, B, T)
+    multimodal positions with `mrope_section` (Qwen2-VL; `medcg.model.mrope`). After explicit positions the
+    cache continues each row at its largest position + 1 (HF's rope deltas).
     With `cache`, this step's keys/values go to slots [cache.index, cache.index + T) and queries
     attend to every earlier real slot. Returns (float32 logits (B, T, vocab), new cache or None);
     with `return_hidden`, the final-normed hidden states instead of logits.
@@ -268,9 +279,10 @@ class LLM(nnx.Module):
     x = L.constrain(x, ("act_batch", "act_len", "act_embed"))
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+    explicit = positions is not None
     if positions is None:
       positions = start[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    inv_freq = self._inv_freq(positions)
+    angles = L.rope_angles(positions, self._inv_freq(positions), self.cfg.get("mrope_section"))
 
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
@@ -288,7 +300,7 @@ class LLM(nnx.Module):
 
     def layer_fn(x, layer_state, kv):
       layer = nnx.merge(graphdef, layer_state)
-      return layer(x, mask=attn_mask, positions=positions, inv_freq=inv_freq, kv=kv, index=index)
+      return layer(x, mask=attn_mask, angles=angles, kv=kv, index=index)
 
     layer_fn = L.remat(layer_fn, self.cfg.remat)
 
@@ -302,8 +314,12 @@ class LLM(nnx.Module):
     out = x if return_hidden else self.logits(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(new_kvs[0], new_kvs[1], key_mask, index + t,
-                          cache.lengths + mask.sum(axis=1, dtype=jnp.int32))
+      lengths = cache.lengths + mask.sum(axis=1, dtype=jnp.int32)
+      if explicit:  # the next position follows the largest one given (M-RoPE images span fewer positions)
+        per_token = positions.max(axis=0) if positions.ndim == 3 else positions
+        last = jnp.max(jnp.where(mask, per_token, -1), axis=1).astype(jnp.int32)
+        lengths = jnp.where(mask.any(axis=1), last + 1, cache.lengths)
+      new_cache = KVCache(new_kvs[0], new_kvs[1], key_mask, index + t, lengths)
     return out, new_cache
 
 

@@ -23,10 +23,14 @@ from flax import nnx
 from medcg.model import clip
 from medcg.model import generate as generate_lib
 from medcg.model import hf
+from medcg.model import image_slots
 from medcg.model import layers as L
 from medcg.model import llm as llm_lib
+from medcg.model import qwen_vl
 
 SELECT_FEATURES = ("patch", "full")
+# model.family -> the family's module-level config functions; "llava" when the key is absent (older configs).
+FAMILIES = ("llava", qwen_vl.FAMILY)
 
 
 def _get(cfg: Any, key: str, default=None):
@@ -42,8 +46,19 @@ def trim_enabled(trim: Any) -> bool:
   return bool(_get(trim, "enabled", False))
 
 
+def family(cfg: Any) -> str:
+  """The model family of a `model` config section: "llava" (CLIP + projector + LLaMA/Qwen2) or "qwen2_vl"."""
+  name = _get(cfg, "family", None) or "llava"
+  if name not in FAMILIES:
+    raise ValueError(f"model.family={name!r}: expected one of {FAMILIES}")
+  return name
+
+
 def num_image_tokens(cfg: Any, trim: Any = None) -> int:
-  """Placeholder tokens per image in the prompt: patches (+1 with the class token), or k_max + 1 with TRIM."""
+  """Placeholder tokens per image in the prompt: patches (+1 with the class token), or k_max + 1 with TRIM;
+  for Qwen2-VL the merged tokens of the static grid."""
+  if family(cfg) == qwen_vl.FAMILY:
+    return qwen_vl.num_image_tokens(cfg)
   if trim_enabled(trim):
     return int(_get(trim, "k_max")) + 1
   vision = clip.CLIPVisionConfig.from_dict(cfg.vision)
@@ -52,6 +67,8 @@ def num_image_tokens(cfg: Any, trim: Any = None) -> int:
 
 def validate_config(cfg: ml_collections.ConfigDict, trim: Any = None) -> ml_collections.ConfigDict:
   """Checks the keys that must agree across towers; raises naming the key."""
+  if family(cfg) == qwen_vl.FAMILY:
+    return qwen_vl.validate_config(cfg, trim)
   vision = clip.CLIPVisionConfig.from_dict(cfg.vision, "model.vision")
   llm_lib.validate_config(cfg.llm)
   if cfg.vision_select_feature not in SELECT_FEATURES:
@@ -150,25 +167,25 @@ class VLM(nnx.Module):
 
     The k-th image placeholder of each row receives the k-th image slot; TRIM's unused slots get mask 0.
     """
-    _check_placeholders(input_ids, self.image_token_id, self.num_image_tokens)
+    image_slots.check_placeholders(input_ids, self.image_token_id, self.num_image_tokens)
     feats, slot_mask = self.image_features(images, text_ids)
     return self.splice(feats, slot_mask, input_ids, attention_mask)
 
   def splice(self, feats: jax.Array, slot_mask: jax.Array | None, input_ids: jax.Array,
              attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`embed_inputs` from features `image_features` already computed (so option scoring encodes once).
+    """`embed_inputs` from features `image_features` already computed (so option scoring encodes once)."""
+    return image_slots.splice(self.llm.embed, self.image_token_id, self.num_image_tokens, feats, slot_mask,
+                              input_ids, attention_mask)
 
-    The text embeddings with each row's k-th image placeholder replaced by the k-th feature slot.
+  def language_forward(self, feats: jax.Array, slot_mask: jax.Array | None, input_ids: jax.Array,
+                       attention_mask: jax.Array, cache: llm_lib.KVCache | None = None):
+    """Image features spliced into the prompt, through the decoder: (logits, cache or None, effective mask).
+
+    The family interface the shared decoding and scoring code uses (`medcg.model.qwen_vl.QwenVLM` has the same).
     """
-    is_image = input_ids == self.image_token_id
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, self.num_image_tokens - 1)  # (B, L)
-    spliced = jnp.take_along_axis(feats, slot[..., None], axis=1)
-    text = self.llm.embed(jnp.where(is_image, 0, input_ids))  # placeholder ids may lie past the vocab
-    embeds = jnp.where(is_image[..., None], spliced.astype(text.dtype), text)
-    mask = attention_mask.astype(bool)
-    if slot_mask is not None:
-      mask = mask & (~is_image | jnp.take_along_axis(slot_mask, slot, axis=1))
-    return embeds, mask.astype(jnp.int32)
+    embeds, mask = self.splice(feats, slot_mask, input_ids, attention_mask)
+    logits, cache = self.llm(inputs_embeds=embeds, attention_mask=mask, cache=cache)
+    return logits, cache, mask
 
   # ---------------------------------------------------------------------------------------------- forward
   def __call__(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
@@ -185,20 +202,7 @@ class VLM(nnx.Module):
     return logits, cache, mask
 
 
-def _check_placeholders(input_ids: jax.Array, image_token_id: int, expected: int) -> None:
-  """Every row must hold exactly `expected` placeholders; checked eagerly when the ids are concrete."""
-  try:
-    if isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable:
-      return  # a multi-host global batch: not readable here
-    with jax.transfer_guard_device_to_host("allow"):
-      ids = np.asarray(input_ids)  # numpy, so the check also works on concrete ids inside an outer trace
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return  # traced: shapes are static, the count cannot be checked here
-  counts = np.sum(ids == image_token_id, axis=1)
-  bad = np.flatnonzero(counts != expected)
-  if bad.size:
-    raise ValueError(f"rows {bad.tolist()} hold {counts[bad].tolist()} image placeholders (id {image_token_id}); "
-                     f"the model expects exactly {expected} per example (num_image_tokens)")
+_check_placeholders = image_slots.check_placeholders
 
 
 def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -233,7 +237,10 @@ def model_flops(cfg: ml_collections.ConfigDict, seq_len: int, *, training: bool 
   `training`: backward counts 2x forward for the trained parts (LLM, projector, and the vision tower only
   with `train_vision`; LLaVA-1.5 freezes it, so it costs one forward). Layers past `vision_select_layer` are
   never run, so they are not counted. Attention FLOPs are halved for causal masks (MaxText convention).
+  Qwen2-VL: `qwen_vl.model_flops` (the merger is trained like the projector).
   """
+  if family(cfg) == qwen_vl.FAMILY:
+    return qwen_vl.model_flops(cfg, seq_len, training=training, train_vision=train_vision)
   v = clip.CLIPVisionConfig.from_dict(cfg.vision)
   layers = v.num_hidden_layers + 1 + cfg.vision_select_layer if cfg.vision_select_layer < 0 \
       else cfg.vision_select_layer
@@ -273,10 +280,17 @@ def _generate(model, images, input_ids, attention_mask, text_ids, rng, *, max_ne
                              pad_id=pad_id, temperature=temperature, top_p=top_p, rng=rng)
 
 
+def build(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, trim: Any = None):
+  """The model of a `model` config section, whichever family (`VLM` for LLaVA, `qwen_vl.QwenVLM`)."""
+  if family(cfg) == qwen_vl.FAMILY:
+    return qwen_vl.QwenVLM(cfg, rngs=rngs, trim=trim)
+  return VLM(cfg, rngs=rngs, trim=trim)
+
+
 def generate(model: VLM, images, input_ids, attention_mask=None, *, text_ids=None, max_new_tokens: int,
              eos_ids: int | Sequence[int] | None = None, pad_id: int | None = None, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Batched generation from a VLM (image prefill + `generate.decode`); prompts with any padding.
+  """Batched generation from a VLM of either family (image prefill + `generate.decode`); any padding.
 
   Returns (tokens (B, max_new_tokens), lengths (B,)) as `medcg.model.generate.generate` does.
   """
@@ -305,15 +319,16 @@ def score_options(model: VLM, images, prompt_ids, prompt_mask, option_ids, optio
   feats, slot_mask = rep(feats), rep(slot_mask)
 
   def forward(ids, mask):
-    embeds, mask = model.splice(feats, slot_mask, ids, mask)
-    return model.llm(inputs_embeds=embeds, attention_mask=mask)[0]
+    return model.language_forward(feats, slot_mask, ids, mask)[0]
 
   return generate_lib.score_options(forward, prompt_ids, prompt_mask, option_ids, option_mask)
 
 
 # -------------------------------------------------------------------------------------------------- HF import
 _LLAVA_TEXT_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "CLIPModel") + hf.LLM_ARCHITECTURES
+SUPPORTED_ARCHITECTURES = (("LlavaForConditionalGeneration",) + tuple(qwen_vl.ARCHITECTURES) + ("CLIPModel",)
+                           + hf.LLM_ARCHITECTURES)
+VLM_ARCHITECTURES = SUPPORTED_ARCHITECTURES[:3]
 
 
 def config_from_llava(hf_config: Mapping[str, Any], clip_config: Mapping[str, Any] | None = None,
@@ -444,10 +459,42 @@ def load_llava(path: str, *, clip_path: str | None = None, trim: Any = None, mes
   return nnx.merge(graphdef, *loaded)
 
 
+def config_from_hf(hf_config: Mapping[str, Any], clip_config: Mapping[str, Any] | None = None, *,
+                   image_size: int | None = None, **overrides) -> ml_collections.ConfigDict:
+  """The `model` section of a LLaVA or Qwen2-VL checkpoint's config.json, by its `architectures` entry."""
+  arch = (hf_config.get("architectures") or ["?"])[0]
+  if arch in qwen_vl.ARCHITECTURES:
+    if clip_config is not None:
+      raise ValueError(f"{arch}: a CLIP checkpoint (train.init_from_clip) serves TRIM, which Qwen2-VL does not use")
+    return qwen_vl.config_from_hf(hf_config, **({} if image_size is None else {"image_size": image_size}),
+                                  **overrides)
+  if arch != "LlavaForConditionalGeneration":
+    raise hf.CheckpointError(f"config.json architecture {arch!r} is not a vision-language model medcg trains; "
+                             f"supported: {', '.join(VLM_ARCHITECTURES)}")
+  return config_from_llava(hf_config, clip_config, **overrides)
+
+
+def load_vlm(path: str, *, image_size: int | None = None, clip_path: str | None = None, trim: Any = None, mesh=None,
+             rules=None, **overrides):
+  """A vision-language checkpoint of either family (`VLM_ARCHITECTURES`), for the trainer and the judge.
+
+  `image_size`: Qwen2-VL's static side (default 448); `clip_path`: LLaVA + TRIM's CLIP checkpoint.
+  """
+  arch = hf.check_architecture(hf.open_checkpoint(path), VLM_ARCHITECTURES)
+  if arch in qwen_vl.ARCHITECTURES:
+    if clip_path:
+      raise ValueError(f"{path} is a {arch}: train.init_from_clip (TRIM's CLIP towers) applies to LLaVA only")
+    kw = {} if image_size is None else {"image_size": image_size}
+    return qwen_vl.load_qwen_vl(path, trim=trim, mesh=mesh, rules=rules, **kw, **overrides)
+  return load_llava(path, clip_path=clip_path, trim=trim, mesh=mesh, rules=rules, **overrides)
+
+
 def load_hf(path: str, **kwargs):
   """Imports a local Hugging Face safetensors checkpoint directory by its `architectures` entry.
 
     LlavaForConditionalGeneration -> VLM  (kwargs: clip_path, trim, mesh, rules, dtype, param_dtype, remat)
+    Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration -> qwen_vl.QwenVLM
+                                     (kwargs: image_size, trim, mesh, rules, dtype, param_dtype, remat)
     CLIPModel                     -> (CLIPVisionTower, CLIPTextTower)
     LlamaForCausalLM / Qwen2ForCausalLM -> llm.LLM
 
@@ -457,11 +504,14 @@ def load_hf(path: str, **kwargs):
   arch = hf.check_architecture(hf.open_checkpoint(path), SUPPORTED_ARCHITECTURES)
   if arch == "LlavaForConditionalGeneration":
     return load_llava(path, **kwargs)
+  if arch in qwen_vl.ARCHITECTURES:
+    return qwen_vl.load_qwen_vl(path, **kwargs)
   if arch == "CLIPModel":
     return clip.load_clip(path, **kwargs)
   return llm_lib.load_hf(path, **kwargs)
 
 
-__all__ = ["Projector", "SUPPORTED_ARCHITECTURES", "VLM", "answer_loss", "config_from_llava", "generate",
-           "llava_table", "load_hf", "load_llava", "model_flops", "num_image_tokens", "score_options",
+__all__ = ["FAMILIES", "Projector", "SUPPORTED_ARCHITECTURES", "VLM", "VLM_ARCHITECTURES", "answer_loss", "build",
+           "config_from_hf", "config_from_llava", "family", "generate",
+           "llava_table", "load_hf", "load_llava", "load_vlm", "model_flops", "num_image_tokens", "score_options",
            "trim_enabled", "validate_config"]

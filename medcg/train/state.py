@@ -43,7 +43,7 @@ def model_parts(config, model_cfg, mesh) -> ModelParts:
   """Split the VLM (built abstractly) by `config.train.freeze`, and shard each part by the logical rules."""
   from medcg.model import vlm as vlm_lib
   trim_cfg = config.trim if config.trim.enabled else None
-  make_model = lambda: vlm_lib.VLM(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
+  make_model = lambda: vlm_lib.build(model_cfg, rngs=nnx.Rngs(config.seed), trim=trim_cfg)
   frozen_f = opt_lib.frozen_filter(config.train.freeze)
   trainable_f = nnx.All(nnx.Param, nnx.Not(frozen_f))
   abstract_model = nnx.eval_shape(make_model)

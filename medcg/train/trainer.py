@@ -319,8 +319,8 @@ def initial_params(config, parts: ModelParts, mesh, *, with_init_from: bool = Tr
   from medcg.model import vlm as vlm_lib
   trim_cfg = config.trim if config.trim.enabled else None
   if config.train.init_from_hf:
-    loaded = vlm_lib.load_llava(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
-                                trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
+    loaded = vlm_lib.load_vlm(config.train.init_from_hf, clip_path=config.train.init_from_clip or None,
+                              image_size=_hf_image_size(config), trim=trim_cfg, mesh=mesh, **_dtype_overrides(config))
     _, params, frozen, rest = nnx.split(loaded, parts.trainable, nnx.Param, ...)
   else:
     def init_all():
@@ -569,6 +569,14 @@ def _dtype_overrides(config) -> dict[str, str]:
           if config.get("model_overrides") and config.model_overrides.get(k)}
 
 
+def _hf_image_size(config) -> int | None:
+  """The static image side a Qwen2-VL checkpoint is imported at: the preset's (config.model.vision.image_size)."""
+  from medcg.model import vlm as vlm_lib
+  if config.model and vlm_lib.family(config.model) != "llava":
+    return int(config.model.vision.image_size)
+  return None
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer=None) -> ml_collections.ConfigDict:
   """config.model, or the config of the Hugging Face checkpoint being fine-tuned (config.train.init_from_hf).
 
@@ -579,7 +587,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer=None) -> ml_collec
   if config.train.init_from_hf:
     ckpt = hf.open_checkpoint(config.train.init_from_hf)
     clip_cfg = hf.open_checkpoint(config.train.init_from_clip).config if config.train.init_from_clip else None
-    return vlm_lib.config_from_llava(ckpt.config, clip_cfg, **_dtype_overrides(config))
+    return vlm_lib.config_from_hf(ckpt.config, clip_cfg, image_size=_hf_image_size(config),
+                                  **_dtype_overrides(config))
   if not config.model:
     raise ValueError("config.model is empty: set a preset (configs/models.py) or config.train.init_from_hf")
   cfg = config.model
