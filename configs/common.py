@@ -125,11 +125,26 @@ class DataSetting:
     return max(1, int(round(n * self.scale)))
 
 
+def synth_image_size(model: str) -> int:
+  """The SynthMAT side a from-scratch preset reads: 32 px for tiny, the preset's static grid otherwise (112 px for
+  tiny-qwen2vl); pretrained-size presets read the 32 px shards resized by the pipeline's preflight-checked size."""
+  if model in models.FROM_SCRATCH and model != "tiny":
+    return int(models.get(model).vision.image_size)
+  return SYNTH_IMAGE_SIZE
+
+
+def synth_dirs(model: str) -> tuple[str, str]:
+  """(raw SynthMAT dir, shards dir) for a model: data/synthmat[_shards] at 32 px, data/synthmat<S>[_shards] else."""
+  size = synth_image_size(model)
+  tag = "" if size == SYNTH_IMAGE_SIZE else str(size)
+  return f"data/synthmat{tag}", SYNTH_SHARDS.replace("synthmat", f"synthmat{tag}")
+
+
 def data_setting(args) -> DataSetting:
   """The counts a run plans with: SynthMAT's args, or the medmat manifest (or the release's shape)."""
   if args.data == "synth":
     counts = {s: args.synth_train for s in mat.CLASSIFICATION_SUBSETS}
-    return DataSetting("synth", args.shards or SYNTH_SHARDS, counts, args.synth_train / splits.PER_SUBSET_CAP,
+    return DataSetting("synth", args.shards or synth_dirs(args.model)[1], counts, args.synth_train / splits.PER_SUBSET_CAP,
                        f"synth_train={args.synth_train}")
   shards_dir = args.shards or MEDMAT_SHARDS
   from medcg.data import shards as shards_lib

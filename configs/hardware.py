@@ -41,6 +41,9 @@ RECIPES: dict[tuple[str, str], dict] = {
     ("llava-1.5-13b", "h100x8"): dict(mesh=(1, 8, 1), remat="full", accum_steps=1),
     ("llava-1.5-13b", "h200x1"): dict(mesh=(1, 1, 1), remat="full", accum_steps=32,
                                       env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}, use="h100x8"),
+    # Qwen2-VL-7B (8.3B params: 675M ViT, frozen; merger + 7.6B decoder trained), 256 image tokens at 448 px.
+    ("qwen2-vl-7b", "v5p-8"): dict(mesh=(1, 4, 1), remat="full", accum_steps=1),
+    ("qwen2-vl-7b", "h100x8"): dict(mesh=(1, 8, 1), remat="full", accum_steps=1),
 }
 
 

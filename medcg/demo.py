@@ -1,6 +1,7 @@
 """The main job: compositional generalisation on SynthMAT, on a CPU, in minutes.
 
     python -m medcg.demo --workdir runs/demo [--seeds 3]
+    python -m medcg.demo --model tiny-qwen2vl --workdir runs/demo_qwen   # the Qwen2-VL architecture, 112 px
 
 1. builds SynthMAT (the synthetic Med-MAT release) and converts it to TFRecord shards, unless they exist;
 2. trains a byte-level BPE tokenizer on the shards' prompts (from-scratch models read ~3x fewer tokens);
@@ -22,6 +23,7 @@ import sys
 import time
 
 from configs import common
+from configs import models
 from medcg import fileio
 from medcg.errors import report
 
@@ -68,8 +70,12 @@ def noise_note(runs) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--data-dir", default="data/synthmat", help="where SynthMAT (JSON + PNG) is written")
-  p.add_argument("--shards", default=common.SYNTH_SHARDS, help="converted shards (built if missing)")
+  p.add_argument("--model", default="tiny", choices=models.FROM_SCRATCH,
+                 help="the from-scratch preset: tiny (LLaVA architecture, 32 px) or tiny-qwen2vl (Qwen2-VL, 112 px)")
+  p.add_argument("--data-dir", default=None, help="where SynthMAT (JSON + PNG) is written (default data/synthmat, "
+                 "data/synthmat112 for tiny-qwen2vl)")
+  p.add_argument("--shards", default=None, help="converted shards, built if missing (default data/synthmat_shards, "
+                 "data/synthmat112_shards for tiny-qwen2vl)")
   p.add_argument("--seeds", type=int, default=1, help="seeds per arm (mean ± sd when > 1)")
   p.add_argument("--format", default="tfrecord", choices=("tfrecord", "array_record"))
   p.add_argument("--synth-train", type=int, default=common.SYNTH_TRAIN, help="SynthMAT train samples per subset")
@@ -78,7 +84,8 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   # Paths given relative to the caller's directory; the sweep runs from the repository root.
   a.workdir = fileio.absolute(a.workdir)
-  a.data_dir, a.shards = os.path.abspath(a.data_dir), os.path.abspath(a.shards)
+  raw, shards = common.synth_dirs(a.model)
+  a.data_dir, a.shards = os.path.abspath(a.data_dir or raw), os.path.abspath(a.shards or shards)
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
@@ -102,10 +109,10 @@ def check_data(base: str, a) -> None:
 
 def _run(a) -> int:
   t0 = time.time()
-  ensure_shards(a.data_dir, a.shards, image_size=common.SYNTH_IMAGE_SIZE, per_subset=a.synth_train,
+  ensure_shards(a.data_dir, a.shards, image_size=common.synth_image_size(a.model), per_subset=a.synth_train,
                 test_per_subset=a.synth_test, seed=0, fmt=a.format)
   # Run args that differ from configs/demo.py's defaults travel in the sweep's base arg.
-  extra = dict(shards=(a.shards, os.path.join(REPO, common.SYNTH_SHARDS)),
+  extra = dict(model=(a.model, "tiny"), shards=(a.shards, os.path.join(REPO, common.synth_dirs(a.model)[1])),
                synth_train=(a.synth_train, common.SYNTH_TRAIN), synth_test=(a.synth_test, common.SYNTH_TEST),
                epochs=(a.epochs, 0))
   base = f"{DEMO_CONFIG}:seeds={a.seeds}" + "".join(f",{k}={v}" for k, (v, d) in extra.items() if v != d)

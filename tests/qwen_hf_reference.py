@@ -33,7 +33,7 @@ NUM_IMAGE_TOKENS = GRID * GRID  # 16
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 MROPE_SECTION = [2, 3, 3]  # sums to HEAD_DIM / 2
 NEW_TOKENS = 16
-QK_SCALE = 3.0
+QK_SCALE = 1.25
 
 
 def text_config(family: str) -> dict:
@@ -67,7 +67,14 @@ def model_class(family: str):
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
-  """Non-trivial norms, random biases, sharpened attention (HF's init: unit norms, zero biases, std 0.02)."""
+  """Weights that make every branch matter and attention far from uniform.
+
+  HF's init (std 0.02, unit norms, zero biases) leaves these tiny models' attention almost uniform and the
+  attention / MLP branches ~1% of the residual stream, so a wrong rotary table or window would hide under
+  the tolerances. Instead: Linear weights N(0, 1/fan_in) (variance preserving), embeddings N(0, 1), norm
+  weights 1 + 0.1 N(0, 1), norm (LayerNorm) biases 0.05 N(0, 1), all other biases 0.05 N(0, 1), and the
+  q / k projections (text q_proj / k_proj, the q and k thirds of the vision fused qkv) times QK_SCALE.
+  """
   gen = torch.Generator().manual_seed(seed + 12345)
   randn = lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype)
   with torch.no_grad():
@@ -77,7 +84,11 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
         module.weight.copy_(1.0 + 0.1 * randn(module.weight))
         if getattr(module, "bias", None) is not None:
           module.bias.copy_(0.05 * randn(module.bias))
-      elif isinstance(module, torch.nn.Linear):
+      elif isinstance(module, torch.nn.Embedding):
+        module.weight.copy_(randn(module.weight))
+      elif isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)):
+        fan_in = module.weight[0].numel()
+        module.weight.copy_(randn(module.weight) / fan_in**0.5)
         if module.bias is not None:
           module.bias.copy_(0.05 * randn(module.bias))
         if name.endswith(("q_proj", "k_proj")):
@@ -85,8 +96,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
         elif name.endswith("attn.qkv"):
           dim = module.weight.shape[0] // 3
           module.weight[: 2 * dim].mul_(QK_SCALE)
-      elif isinstance(module, torch.nn.Conv3d) and module.bias is not None:
-        module.bias.copy_(0.05 * randn(module.bias))
+          module.bias[: 2 * dim].mul_(QK_SCALE)
 
 
 def build_model(family: str, seed: int = 0):
@@ -219,7 +229,8 @@ def reference(path: str, family: str, images_uint8: np.ndarray, rows: Sequence[S
 
   Keys: pixel_values, image_grid_thw, normalized (B,112,112,3), merged (B,16,64), input_ids / attention_mask
   (right-padded batch), mm_token_type_ids, rope_index (3,B,T), rope_deltas (B,1), logits (B,T,V),
-  greedy (B, new_tokens) (each example generated alone, unpadded), attention_max_prob.
+  greedy (B, new_tokens) (each example generated alone, unpadded), greedy_margin (B, new_tokens)
+  (HF's top-1 minus top-2 logit per step), attention_max_prob.
   """
   assert images_uint8.dtype == np.uint8 and images_uint8.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE, 3)
   assert len(rows) == len(images_uint8)
@@ -254,7 +265,7 @@ def reference(path: str, family: str, images_uint8: np.ndarray, rows: Sequence[S
   per_image = pixel_values.shape[0] // n_img
   model.generation_config.eos_token_id = None  # exactly `new_tokens` tokens, nothing suppressed
   model.generation_config.pad_token_id = PAD_ID
-  greedy = []
+  greedy, margins = [], []
   for i, row in enumerate(rows):
     row_ids = torch.tensor([list(row)])
     with torch.no_grad():
@@ -263,12 +274,34 @@ def reference(path: str, family: str, images_uint8: np.ndarray, rows: Sequence[S
                            image_grid_thw=torch.tensor(grid_thw[i:i + 1]),
                            mm_token_type_ids=torch.tensor(mm_token_type_ids(row_ids.numpy())),
                            do_sample=False, max_new_tokens=new_tokens, min_new_tokens=0, eos_token_id=None,
-                           pad_token_id=PAD_ID)
-    new = gen[0, len(row):].numpy()
+                           pad_token_id=PAD_ID, return_dict_in_generate=True, output_scores=True)
+    new = gen.sequences[0, len(row):].numpy()
     assert len(new) == new_tokens, new
     greedy.append(new)
+    top2 = torch.stack(gen.scores)[:, 0].topk(2, dim=-1).values.numpy()  # (new_tokens, 2)
+    margins.append(top2[:, 0] - top2[:, 1])
   result["greedy"] = np.stack(greedy).astype(np.int64)
+  result["greedy_margin"] = np.stack(margins).astype(np.float32)  # top-1 minus top-2 logit at each step
   return result
+
+
+def rope_index(path: str, family: str, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+  """HF `get_rope_index` (3, B, T) for a batch of prompts with any padding, one 112 px image per row."""
+  model = load(path, family)
+  grid = np.tile([[1, IMAGE_SIDE // PATCH, IMAGE_SIDE // PATCH]], (len(input_ids), 1))
+  with torch.no_grad():
+    pos, _ = model.model.get_rope_index(torch.tensor(input_ids), mm_token_type_ids=torch.tensor(
+        mm_token_type_ids(input_ids)), image_grid_thw=torch.tensor(grid), attention_mask=torch.tensor(attention_mask))
+  return pos.numpy()
+
+
+def merged_full_attention(path: str, family: str, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+  """Qwen2.5-VL's merged features with every block on full attention (to show window attention matters)."""
+  model = load(path, family)
+  model.model.visual.fullatt_block_indexes = list(range(len(model.model.visual.blocks)))
+  with torch.no_grad():
+    out = model.model.visual(torch.tensor(pixel_values), grid_thw=torch.tensor(grid_thw)).pooler_output
+  return out.numpy().reshape(len(grid_thw), NUM_IMAGE_TOKENS, -1)
 
 
 def random_images(n: int, seed: int = 0) -> np.ndarray:

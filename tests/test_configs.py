@@ -406,3 +406,68 @@ def test_sweep_collect_writes_the_table_and_every_run(tmp_path, capsys):
   saved = json.loads((tmp_path / "tables" / "demo.json").read_text())
   assert saved["markdown"].strip() == markdown.strip() and len(saved["runs"]) == len(accs)
   assert saved["runs"]["arm=related,seed=1"]["overall"]["accuracy"] == pytest.approx(0.8, abs=0.01)
+
+
+QWEN_BASES = {"synth": "model=tiny-qwen2vl", "medmat": f"data=medmat,model=qwen2-vl-7b,shards={NO_SHARDS}"}
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("kind", ["synth", "medmat"])
+def test_every_experiment_config_takes_a_qwen_preset(name, kind):
+  base = QWEN_BASES[kind] + (",backbone=qwen2-vl" if name == "cross_backbone" else "")
+  module = _module(name)
+  for arg in module.get_sweep(base)[:6]:
+    c = module.get_config(arg)
+    assert c.model.family == "qwen2_vl" and not c.trim.enabled, arg
+    if kind == "synth":  # from scratch: the corpus tokenizer, the preset's 112 px grid, its own shards
+      assert (c.data.image_size, c.data.num_image_tokens, c.data.chat_template) == (112, 16, "plain"), arg
+      assert c.data.shards_dir == common.synth_dirs("tiny-qwen2vl")[1] == "data/synthmat112_shards", arg
+      assert c.train.lr == common.SYNTH_LR and c.train.freeze == (), arg
+    else:  # the paper's Qwen2-VL recipe
+      assert (c.data.image_size, c.data.num_image_tokens, c.data.chat_template) == (448, 256, "qwen2_vl"), arg
+      assert c.train.lr == 2e-6 and c.data.batch_size == 32 and c.train.freeze == common.FROZEN_TOWERS, arg
+      assert c.model.llm.mrope_section == [16, 24, 24] and c.model.llm.hidden_size == 3584, arg
+
+
+def test_qwen_cross_backbone_recipe_and_freeze():
+  import jax
+  from flax import nnx
+  from configs import models
+  from medcg.model import vlm
+  from medcg.train import optimizer
+  c = _module("cross_backbone").get_config(f"backbone=qwen2-vl,data=medmat,model=qwen2-vl-7b,hf=/ckpt/qwen,"
+                                           f"shards={NO_SHARDS}")
+  assert (c.train.lr, c.train.epochs, c.data.batch_size) == (2e-6, 5, 32)
+  assert c.train.init_from_hf == "/ckpt/qwen" and c.data.tokenizer.kind == "qwen"
+  assert c.data.tokenizer.path == "/ckpt/qwen/tokenizer.json" and c.data.chat_template == "qwen2_vl"
+  assert _module("cross_backbone").get_config("backbone=qwen2-vl,data=medmat,model=qwen2-vl-7b,hw=v5p-8,"
+                                              f"shards={NO_SHARDS}").mesh.fsdp == 4
+  # The pretrained recipe's freeze leaves the merger and the decoder trained, the Qwen ViT frozen.
+  model = nnx.eval_shape(lambda: vlm.build(models.get("tiny-qwen2vl"), rngs=nnx.Rngs(0)))
+  optimizer.check_patterns_match(nnx.state(model, nnx.Param), common.FROZEN_TOWERS, "freeze")
+  is_frozen = optimizer.frozen_filter(common.FROZEN_TOWERS)
+  frozen = {optimizer.param_path(p).split("/")[0]
+            for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, is_frozen))}
+  trained = {optimizer.param_path(p).split("/")[0]
+             for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.All(nnx.Param, nnx.Not(is_frozen))))}
+  assert frozen == {"vision"} and trained == {"merger", "llm"}
+
+
+def test_qwen_presets_build_with_their_published_sizes():
+  from flax import nnx
+  from configs import models
+  from medcg.model import vlm
+  counts = {}
+  for name in ("qwen2-vl-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b"):
+    model = nnx.eval_shape(lambda: vlm.build(models.get(name), rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    counts[name] = {part: sum(int(x.size) for x in jax_leaves(state[part])) for part in ("vision", "merger", "llm")}
+  # Published totals: Qwen2-VL-7B 8.29B, Qwen2.5-VL-7B 8.29B, Qwen2.5-VL-3B 3.75B parameters.
+  for name, total in (("qwen2-vl-7b", 8.29e9), ("qwen2.5-vl-7b", 8.29e9), ("qwen2.5-vl-3b", 3.75e9)):
+    assert abs(sum(counts[name].values()) - total) / total < 0.01, (name, counts[name])
+  assert abs(counts["qwen2-vl-7b"]["vision"] - 0.631e9) / 0.631e9 < 0.02, counts  # 675M with the merger
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree_util.tree_leaves(tree)

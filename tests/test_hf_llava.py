@@ -202,7 +202,8 @@ def test_load_hf_dispatches_by_architecture(llava, clip_path, tmp_path):
   (bad / "config.json").write_text(json.dumps(config))
   shutil.copy(os.path.join(path, "model.safetensors"), bad)
   with pytest.raises(hf.CheckpointError, match="unsupported architecture 'Blip2ForConditionalGeneration'; "
-                                               "supported: LlavaForConditionalGeneration, CLIPModel, "
+                                               "supported: LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, "
+                                                 "Qwen2_5_VLForConditionalGeneration, CLIPModel, "
                                                "LlamaForCausalLM, Qwen2ForCausalLM"):
     vlm_lib.load_hf(str(bad))
 

@@ -227,9 +227,16 @@ def compile_eval(built: Built, batch_size: int) -> StepCompile:
 # ---------------------------------------------------------------------------------------------------------
 # FLOPs with the layer scans accounted for.
 # ---------------------------------------------------------------------------------------------------------
+def _vision_depth_key(model_cfg) -> str:
+  from medcg.model import vlm as vlm_lib
+  return "num_hidden_layers" if vlm_lib.family(model_cfg) == "llava" else "num_layers"  # CLIP vs Qwen ViT
+
+
 def _with_depth(config, vision_layers: int, llm_layers: int):
   c = ml_collections.ConfigDict(config.to_dict())
-  c.model.vision.num_hidden_layers = vision_layers
+  c.model.vision[_vision_depth_key(c.model)] = vision_layers
+  if c.model.vision.get("fullatt_block_indexes"):  # Qwen2.5-VL: keep the full-attention blocks that remain
+    c.model.vision.fullatt_block_indexes = tuple(i for i in c.model.vision.fullatt_block_indexes if i < vision_layers)
   c.model.llm.num_layers = llm_layers
   c.train.accum_steps = 1  # the micro-batch scan would be counted once too; the FLOPs of a step do not change
   if c.model.get("text") is not None and c.trim.enabled:
@@ -239,6 +246,8 @@ def _with_depth(config, vision_layers: int, llm_layers: int):
 
 def _vision_layers_run(model_cfg) -> int:
   v = model_cfg.vision
+  if "vision_select_layer" not in model_cfg:  # Qwen2-VL runs every block
+    return v[_vision_depth_key(model_cfg)]
   sel = model_cfg.vision_select_layer
   return v.num_hidden_layers + 1 + sel if sel < 0 else sel
 
@@ -251,7 +260,7 @@ def hardware_flops(config, devices, full_flops: float | None) -> dict[str, Any] 
     return None
   from medcg.model import layers as L
   model_cfg = model_config(config)
-  sel = model_cfg.vision_select_layer
+  sel = model_cfg.get("vision_select_layer", -1)
   # The vision tower runs num_hidden_layers + 1 + sel layers: cut it to give 1 (and 2) of them.
   base_v = 1 - (1 + sel) if sel < 0 else 1
   probes = {}

@@ -23,7 +23,7 @@ The `data` config section (`default_data_config()` gives all fields with default
   image_size        output side S; images are resized (bicubic) when the shard size differs
   seq_len           L, fixed sequence length (right padding)
   num_image_tokens  image placeholder tokens in the prompt (the vision tower's token count)
-  chat_template     "llava_v1" | "plain" (medcg.data.prompt.TEMPLATES)
+  chat_template     "llava_v1" | "qwen2_vl" | "plain" (medcg.data.prompt.TEMPLATES)
   answer_format     "letter" (Med-MAT's: " B") | "text" (the option's text: " COVID-19"; see prompt.answer_text)
   truncation        "error" | "question" (see medcg.data.prompt.PromptEncoder)
   batch_size        per-host batch size

@@ -130,21 +130,25 @@ def medcg_judge(cfg: ml_collections.ConfigDict) -> LocalJudge:
   `medcg.data.prompt` template name; `cfg.dtype`: compute dtype. Images are resized to the vision tower's size.
   """
   from medcg.data import tokenizer as tok_lib
-  from medcg.model import clip
+  from medcg.model import hf
 
   path = cfg.checkpoint
   if path and fileio.exists(fileio.join(path, "run.json")):  # a medcg.train workdir, local or gs://
     return _run_judge(cfg, path)
   if not path or not fileio.exists(fileio.join(path, "config.json")):
-    raise ValueError(f"config judge.checkpoint={path!r}: expected a LLaVA safetensors checkpoint directory "
+    raise ValueError(f"config judge.checkpoint={path!r}: expected a LLaVA / Qwen2-VL safetensors checkpoint directory "
                      "(with config.json) or a medcg.train workdir (with run.json)")
-  tokenizer = tok_lib.HFTokenizer(cfg.tokenizer or os.path.join(path, "tokenizer.json"))
+  arch = (hf.open_checkpoint(path).config.get("architectures") or ["?"])[0]
+  tok_file = cfg.tokenizer or os.path.join(path, "tokenizer.json")
+  is_qwen = vlm_lib.qwen_vl.ARCHITECTURES.get(arch) is not None
+  tokenizer = tok_lib.qwen_tokenizer(tok_file) if is_qwen else tok_lib.HFTokenizer(tok_file)
   model = vlm_lib.load_vlm(path, dtype=cfg.dtype)
   if tokenizer.image_token_id != model.image_token_id:
     raise ValueError(f"config judge.tokenizer: its <image> id {tokenizer.image_token_id} differs from the "
                      f"checkpoint's image_token_index {model.image_token_id} ({path})")
-  image_size = clip.CLIPVisionConfig.from_dict(model.cfg.vision).image_size
-  return vlm_judge(model, tokenizer, image_size=image_size, template=cfg.chat_template,
+  image_size = int(model.cfg.vision.image_size)
+  template = "qwen2_vl" if is_qwen and cfg.chat_template == "llava_v1" else cfg.chat_template
+  return vlm_judge(model, tokenizer, image_size=image_size, template=template,
                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
                    name=os.path.basename(os.path.normpath(path)))
 
