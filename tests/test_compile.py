@@ -138,3 +138,21 @@ def test_tpu_flops_of_the_7b_width_match_model_flops_within_5_percent():
   # The raw cost analysis counts each layer scan's body once; accounted for, it matches model_flops.
   assert flops["scan_counted_once"] < flops["hardware_flops"]
   assert abs(flops["hardware_over_model"] - 1) < 0.05, flops
+
+
+def test_compile_tool_takes_the_qwen_family():
+  """The Qwen2-VL family through the same build / compile / FLOPs accounting (cpu8: no libtpu needed)."""
+  import jax
+  from medcg.model import layers as L
+  c = cg_table3.get_config("model=tiny-qwen2vl")
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.model.llm.num_layers, c.model.vision.num_layers = 3, 3
+  devices = jax.devices()[:8]
+  compiled = step_compile.compile_train(step_compile.build(c, devices)).compiled
+  scanned = step_compile.cost_flops(compiled)
+  with L.unrolled_scans():
+    unrolled = step_compile.cost_flops(step_compile.compile_train(step_compile.build(c, devices)).compiled)
+  hw = step_compile.hardware_flops(c, devices, scanned)
+  assert hw["hardware_flops"] == pytest.approx(unrolled * 8, rel=1e-3)
+  assert hw["per_llm_layer"] > 0 and hw["per_vision_layer"] > 0
+  assert "all-gather" in compiled.as_text()  # FSDP gathers the Qwen towers' weights too

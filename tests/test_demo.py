@@ -38,3 +38,14 @@ def test_undersized_shards_fail_before_any_arm(synth_shards, tmp_path, capsys):
           "--test-per-subset 60") in err
   assert not (tmp_path / "runs").exists()                                  # no arm started
   assert not os.path.exists(os.path.join(synth_shards, "tokenizer-bpe512.json"))  # nor the tokenizer trained
+
+
+def test_qwen_demo_needs_its_own_112px_shards(synth_shards, tmp_path, capsys):
+  """--model tiny-qwen2vl reads SynthMAT at its static 112 px grid: 32 px shards fail in seconds, naming the size."""
+  rc = demo.main(["--model", "tiny-qwen2vl", "--workdir", str(tmp_path / "runs"), "--data-dir",
+                  str(tmp_path / "synthmat"), "--shards", synth_shards])
+  err = capsys.readouterr().err
+  assert rc == 1 and "Traceback" not in err
+  assert "the shards are 32 px, config data.image_size is 112" in err
+  assert "--image-size 112" in err
+  assert not (tmp_path / "runs").exists()
