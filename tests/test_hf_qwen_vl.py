@@ -293,3 +293,44 @@ def test_load_onto_a_mesh_reads_slices_and_matches(ckpt, model, ref):
     got = forward(sharded, *args)
   real = ref["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(forward(model, *args))[real], atol=1e-5)
+
+
+# The released config.json files (Hub layout: flat decoder keys, rope_scaling "mrope") of the three presets.
+_QWEN2_VISION = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3, "hidden_size": 3584,
+                 "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2}
+_QWEN25_VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                  "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                  "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                  "temporal_patch_size": 2}
+_RELEASED = {
+    "qwen2-vl-7b": dict(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", hidden_size=3584,
+                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                        max_position_embeddings=32768, vocab_size=152064, tie_word_embeddings=False,
+                        vision_config=_QWEN2_VISION),
+    "qwen2.5-vl-7b": dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+                          hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, max_position_embeddings=128000, vocab_size=152064,
+                          tie_word_embeddings=False, vision_config=dict(_QWEN25_VISION, out_hidden_size=3584)),
+    "qwen2.5-vl-3b": dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+                          hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                          num_key_value_heads=2, max_position_embeddings=128000, vocab_size=151936,
+                          tie_word_embeddings=True, vision_config=dict(_QWEN25_VISION, out_hidden_size=2048)),
+}
+_COMMON = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,
+               image_token_id=151655, video_token_id=151656, hidden_act="silu", rms_norm_eps=1e-6,
+               rope_theta=1000000.0, use_sliding_window=False, rope_scaling={"type": "mrope",
+                                                                            "mrope_section": [16, 24, 24]})
+
+
+@pytest.mark.parametrize("preset", sorted(_RELEASED))
+def test_presets_equal_the_released_configs(preset):
+  from configs import models
+  got = qwen_vl.config_from_hf(dict(_COMMON, **_RELEASED[preset]))
+  want = models.get(preset)
+  keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+          "rope_theta", "tie_word_embeddings", "qkv_bias", "mrope_section", "rms_norm_eps", "eos_token_id")
+  assert {k: got.llm[k] for k in keys} == {k: want.llm[k] for k in keys}
+  skip = ("dtype", "param_dtype", "remat")
+  assert {k: v for k, v in got.vision.items() if k not in skip} == {k: v for k, v in want.vision.items()
+                                                                     if k not in skip}
+  assert got.image_token_id == want.image_token_id == 151655 and got.family == want.family == "qwen2_vl"

@@ -132,3 +132,51 @@ def test_trim_with_a_qwen_model_fails_at_validation(qwen_shards, tmp_path):
   c.trim.enabled = True
   with pytest.raises(Exception, match="TRIM scores CLIP patch embeddings.*LLaVA family"):
     trainer.train(c, str(tmp_path / "trim"))
+
+
+def _qwen_tokenizer_json(path) -> str:
+  """A character-level tokenizer.json laid out like a Qwen2 vocabulary for the tiny HF checkpoints of
+  tests/qwen_hf_reference.py: ids 0..249 ordinary, then <|im_start|> 250, <|endoftext|> 251 (pad), <|im_end|> 252
+  (eos), <|vision_start|> 253, <|vision_end|> 254, <|image_pad|> 255 (image)."""
+  import tokenizers
+  chars = [chr(i) for i in range(32, 127)] + ["\n"]
+  vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+  vocab.update({f"[unused{i}]": i for i in range(len(vocab), 250)})
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+  tok.decoder = tokenizers.decoders.Fuse()
+  tok.add_special_tokens(["<|im_start|>", "<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                          "<|image_pad|>"])
+  assert tok.token_to_id("<|image_pad|>") == 255 and tok.token_to_id("<|im_start|>") == 250
+  out = os.path.join(path, "tokenizer.json")
+  tok.save(out)
+  return out
+
+
+def test_fine_tunes_from_a_hugging_face_qwen_checkpoint(qwen_shards, tmp_path):
+  """train.init_from_hf with a Qwen2-VL checkpoint: the checkpoint's config and weights, its tokenizer.json
+  (kind "qwen", no BOS) and the qwen2_vl chat template; at lr 0 the trained params stay the checkpoint's."""
+  pytest.importorskip("transformers")
+  from tests import qwen_hf_reference as R
+  from medcg.model import qwen_vl
+  ckpt = R.make_checkpoint(tmp_path, "qwen2_vl", seed=0)
+  _qwen_tokenizer_json(ckpt)
+  c = qwen_config(qwen_shards, steps=1, lr=0.0)
+  c.train.init_from_hf = ckpt
+  c.data.chat_template = "qwen2_vl"
+  c.data.tokenizer.update(dict(kind="qwen", path=ckpt))
+  c.data.num_image_tokens = 4  # 56 px: a 2 x 2 merged grid
+  c.data.seq_len = 448  # a character-level tokenizer
+  result = trainer.train(c, str(tmp_path / "run"), evaluate_fn=lambda model, step: {})
+  assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+  with open(tmp_path / "run" / "config.json") as f:
+    assert ckpt in json.dumps(json.load(f))
+  _, params = final_params(str(tmp_path / "run"))
+  loaded = qwen_vl.load_qwen_vl(ckpt, image_size=56)
+  from flax import nnx
+  expected = {tuple(str(k) for k in p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param))}
+  trained = [v for k, v in sorted(expected.items())]  # nothing frozen in this config: every param trains
+  assert len(params) == len(trained)
+  for got, want in zip(sorted(params, key=lambda a: (a.shape, float(np.sum(a)))),
+                       sorted(trained, key=lambda a: (a.shape, float(np.sum(a))))):
+    np.testing.assert_array_equal(got, want)

@@ -482,7 +482,9 @@ def clip_configs_from_hf(config: Mapping[str, Any], **overrides) -> tuple[CLIPVi
 
 def load_state(factory, checkpoint: hf.Checkpoint, table: hf.MappingTable, *, mesh=None, rules=None):
   """Builds the module `factory()` abstractly and fills it from `checkpoint` (sharded on `mesh` if given)."""
-  abstract = nnx.eval_shape(factory)
+  from medcg.train import sharding as sharding_lib
+  with sharding_lib.no_mesh():  # under a jax mesh eval_shape would read the logical names as mesh axes
+    abstract = nnx.eval_shape(factory)
   graphdef, state = nnx.split(abstract)
   shardings = None
   if mesh is not None:

@@ -2,7 +2,7 @@
 
 One module covers both: RMSNorm, RoPE (none / linear / dynamic / llama3 scaling), grouped-query
 attention through `jax.nn.dot_product_attention`, SwiGLU MLP, tied or untied embeddings; Qwen2 is
-`qkv_bias=True`. Layers are created stacked by `nnx.vmap` (leading `layers` axis) and run by
+`qkv_bias=True`; Qwen2-VL's decoder adds `mrope_section` (multimodal RoPE over (3, B, T) positions). Layers are created stacked by `nnx.vmap` (leading `layers` axis) and run by
 `jax.lax.scan`, so compile time does not grow with depth; each layer is rematerialised under the
 config's `remat` policy.
 
@@ -130,8 +130,8 @@ class KVCache(NamedTuple):
   """Fixed-size decoding cache; slots are time steps shared by the batch.
 
   k, v: (layers, B, max_len, kv_heads, head_dim); key_mask: (B, max_len) bool, slots holding real
-  tokens; index: () int32, the next slot to write; lengths: (B,) int32, real tokens so far
-  (the next position id).
+  tokens; index: () int32, the next slot to write; lengths: (B,) int32, the next position id (real tokens
+  so far; after explicit positions, e.g. M-RoPE's, their largest + 1).
   """
   k: jax.Array
   v: jax.Array
@@ -345,7 +345,9 @@ def model_flops_per_example(cfg, seq_len: int, *, training: bool = False) -> flo
 
 def abstract_model(cfg) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, abstract params) without allocating anything."""
-  model = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
+  from medcg.train import sharding as sharding_lib
+  with sharding_lib.no_mesh():  # under a jax mesh eval_shape would read the logical names as mesh axes
+    model = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
   return nnx.split(model, nnx.Param)
 
 

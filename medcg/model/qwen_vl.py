@@ -241,11 +241,12 @@ def load_qwen_vl(path: str, *, image_size: int = 448, trim: Any = None, mesh=Non
   hf.check_architecture(ckpt, tuple(ARCHITECTURES))
   cfg = config_from_hf(ckpt.config, image_size=image_size, **overrides)
   validate_config(cfg, trim)
-  abstract = nnx.eval_shape(lambda: QwenVLM(cfg, rngs=nnx.Rngs(0)))
+  from medcg.train import sharding as sharding_lib
+  with sharding_lib.no_mesh():  # shapes only; shardings come from the rules table below
+    abstract = nnx.eval_shape(lambda: QwenVLM(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   shardings = None
   if mesh is not None:
-    from medcg.train import sharding as sharding_lib
     shardings = sharding_lib.param_shardings(state, mesh, rules or sharding_lib.RULES)
   loaded = hf.load_params(state, ckpt, hf_table(cfg, checkpoint_prefixes(ckpt)), shardings=shardings)
   return nnx.merge(graphdef, loaded)

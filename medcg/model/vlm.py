@@ -439,11 +439,12 @@ def load_llava(path: str, *, clip_path: str | None = None, trim: Any = None, mes
     raise ValueError("trim.enabled with a LLaVA checkpoint needs clip_path: the CLIPModel checkpoint that "
                      "provides TRIM's text tower and visual_projection")
   cfg = config_from_llava(ckpt.config, None if clip_ckpt is None else clip_ckpt.config, **overrides)
-  abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0), trim=trim))
+  from medcg.train import sharding as sharding_lib
+  with sharding_lib.no_mesh():  # shapes only; shardings come from the rules table below
+    abstract = nnx.eval_shape(lambda: VLM(cfg, rngs=nnx.Rngs(0), trim=trim))
   graphdef, state = nnx.split(abstract)
   shardings = None
   if mesh is not None:
-    from medcg.train import sharding as sharding_lib
     shardings = sharding_lib.param_shardings(state, mesh, rules or sharding_lib.RULES)
   from_clip = lambda p: p.startswith("text.") or p.startswith("vision.visual_projection.")
   clip_state, llava_state = _split_state(state, from_clip)

@@ -204,6 +204,19 @@ def use_mesh(mesh: jax.sharding.Mesh, rules: Rules = RULES):
     _CTX.mesh, _CTX.rules = old
 
 
+@contextlib.contextmanager
+def no_mesh():
+  """No mesh current (neither ours nor jax.set_mesh's), e.g. to build a model abstractly from inside a trainer's
+  use_mesh(): under a jax mesh, nnx.eval_shape would read the logical axis names as mesh axes."""
+  old = (_CTX.mesh, _CTX.rules)
+  _CTX.mesh = None
+  try:
+    with jax.set_mesh(None):
+      yield
+  finally:
+    _CTX.mesh, _CTX.rules = old
+
+
 def current_mesh() -> jax.sharding.Mesh | None:
   """The mesh of the enclosing use_mesh(), or None."""
   return _CTX.mesh
