@@ -311,7 +311,9 @@ def seen_subset_shards(tmp_path_factory) -> str:
 def test_tiny_model_learns_a_seen_subset(seen_subset_shards, tmp_path):
   """Answer accuracy on the subset's held-out test split goes well above chance (0.5): a broken loss, mask,
   image splice or label would leave it at chance."""
-  c = micro_config(seen_subset_shards, steps=500, lr=2e-3, warmup_steps=20, log_every=50, log_batches=False)
+  # lr 1e-3: at 2e-3 this width-64 model sits at the edge of stability and the result moves with package versions
+  # (0.67 on the 2026-12-02 machine at both this commit and the last green one; 0.76 at 1e-3, 0.55 at 4e-3).
+  c = micro_config(seen_subset_shards, steps=500, lr=1e-3, warmup_steps=20, log_every=50, log_batches=False)
   c.data.mixture = [(5, "train", 600)]
   c.data.eval_mixture = [(5, "test", -1)]
   c.data.seq_len = 112
