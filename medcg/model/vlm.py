@@ -6,6 +6,10 @@ and replace, in order, the `image_token_id` placeholders of each prompt; every e
 lengths batch together. With TRIM (`medcg.kernels.trim`), the patch features are reduced before the projector to
 `k_max + 1` slots per image; slots beyond an example's count are masked out of attention, and positions are
 `cumsum(mask) - 1`, so the decoder sees exactly the compacted sequence the released TRIM code builds.
+
+This module is also the front door for every model family (`model.family`: "llava" here, "qwen2_vl" in
+medcg.model.qwen_vl): `build`, `num_image_tokens`, `validate_config`, `model_flops`, `config_from_hf`, `load_vlm`,
+and the family-agnostic `generate` / `score_options` (DEVELOPING.md "Model families").
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from medcg.model import llm as llm_lib
 from medcg.model import qwen_vl
 
 SELECT_FEATURES = ("patch", "full")
-# model.family -> the family's module-level config functions; "llava" when the key is absent (older configs).
+# model.family values; "llava" when the key is absent (configs written before Qwen2-VL).
 FAMILIES = ("llava", qwen_vl.FAMILY)
 
 
