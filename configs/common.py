@@ -126,8 +126,9 @@ class DataSetting:
 
 
 def synth_image_size(model: str) -> int:
-  """The SynthMAT side a from-scratch preset reads: 32 px for tiny, the preset's static grid otherwise (112 px for
-  tiny-qwen2vl); pretrained-size presets read the 32 px shards resized by the pipeline's preflight-checked size."""
+  """The SynthMAT side a from-scratch preset reads: 32 px for tiny, its static grid otherwise (112 px for
+  tiny-qwen2vl). Pretrained-size presets map to the default 32 px directories (their runs on SynthMAT need shards
+  converted at their own size; medcg.preflight names the command)."""
   if model in models.FROM_SCRATCH and model != "tiny":
     return int(models.get(model).vision.image_size)
   return SYNTH_IMAGE_SIZE

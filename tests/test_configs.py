@@ -454,6 +454,7 @@ def test_qwen_cross_backbone_recipe_and_freeze():
 
 
 def test_qwen_presets_build_with_their_published_sizes():
+  import jax
   from flax import nnx
   from configs import models
   from medcg.model import vlm
@@ -461,13 +462,8 @@ def test_qwen_presets_build_with_their_published_sizes():
   for name in ("qwen2-vl-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b"):
     model = nnx.eval_shape(lambda: vlm.build(models.get(name), rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    counts[name] = {part: sum(int(x.size) for x in jax_leaves(state[part])) for part in ("vision", "merger", "llm")}
+    counts[name] = {part: sum(int(x.size) for x in jax.tree.leaves(state[part])) for part in ("vision", "merger", "llm")}
   # Published totals: Qwen2-VL-7B 8.29B, Qwen2.5-VL-7B 8.29B, Qwen2.5-VL-3B 3.75B parameters.
   for name, total in (("qwen2-vl-7b", 8.29e9), ("qwen2.5-vl-7b", 8.29e9), ("qwen2.5-vl-3b", 3.75e9)):
     assert abs(sum(counts[name].values()) - total) / total < 0.01, (name, counts[name])
   assert abs(counts["qwen2-vl-7b"]["vision"] - 0.631e9) / 0.631e9 < 0.02, counts  # 675M with the merger
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree_util.tree_leaves(tree)

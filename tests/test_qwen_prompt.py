@@ -12,6 +12,8 @@ from medcg.data import pipeline
 from medcg.data import prompt as prompt_lib
 from medcg.data.tokenizer import HFTokenizer, make_tokenizer, qwen_tokenizer
 
+from test_tokenizer import CORPUS as TOKENIZER_CORPUS, RECORD
+
 # Qwen2's pre-tokenizer split (tokenizer.json of the Qwen2 / Qwen2-VL checkpoints), then byte-level.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -30,14 +32,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
 
-CORPUS = [
-    "You are a helpful assistant.", "system user assistant",
-    "Review this kidney CT scan and determine the possible condition it represents.",
-    "A: Stone\nB: Cyst\nC: Normal\nD: Tumor",
-    "Answer with the option's letter from the given choices directly.",
-] * 10
-RECORD = {"sample_id": "Subset--02-train-000001", "question": "Review this kidney CT scan.",
-          "options": ["Stone", "Cyst", "Normal", "Tumor"], "answer": "B"}
+# test_tokenizer's corpus and record, plus the words of the Qwen system turn.
+CORPUS = TOKENIZER_CORPUS + ["You are a helpful assistant.", "system user assistant"] * 10
 N_IMG = 4
 
 

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from configs import models
-from medcg import configlib
 from medcg.data import tokenizer as tok_lib
 from medcg.eval import metrics
 from medcg.eval import runner
 from medcg.train import trainer
 from medcg.train.trainer import NonFiniteLossError
 
-from test_train import final_params, run_log
+from test_train import final_params, micro_config, run_log
 
 
 def micro_qwen():
@@ -28,23 +27,12 @@ def micro_qwen():
 
 
 def qwen_config(shards: str, **train):
-  c = configlib.base_config()
-  c.data.shards_dir = shards
-  c.data.mixture = [(5, "train", 24), (28, "train", 24)]
+  """test_train's micro run with the micro Qwen2-VL at 56 px (and two evaluation subsets)."""
+  c = micro_config(shards, **{"steps": 3, **train})
   c.data.eval_mixture = [(3, "test", 6), (28, "test", 6)]
   c.data.image_size = 56
-  c.data.seq_len = 256
-  c.data.batch_size = 8
   c.model = micro_qwen()
-  c.train.steps = 3
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 1
-  c.train.log_every = 1
-  c.train.log_batches = True
-  c.eval.batch_size = 8
   c.eval.max_new_tokens = 4
-  c.checkpoint.async_save = False
-  c.train.update(train)
   return c
 
 

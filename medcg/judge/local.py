@@ -140,7 +140,7 @@ def medcg_judge(cfg: ml_collections.ConfigDict) -> LocalJudge:
                      "(with config.json) or a medcg.train workdir (with run.json)")
   arch = (hf.open_checkpoint(path).config.get("architectures") or ["?"])[0]
   tok_file = cfg.tokenizer or os.path.join(path, "tokenizer.json")
-  is_qwen = vlm_lib.qwen_vl.ARCHITECTURES.get(arch) is not None
+  is_qwen = arch in vlm_lib.qwen_vl.ARCHITECTURES
   tokenizer = tok_lib.qwen_tokenizer(tok_file) if is_qwen else tok_lib.HFTokenizer(tok_file)
   model = vlm_lib.load_vlm(path, dtype=cfg.dtype)
   if tokenizer.image_token_id != model.image_token_id:

@@ -413,6 +413,16 @@ def load_params(abstract_state: nnx.State, checkpoint: Checkpoint, table: Mappin
   return nnx.from_flat_state(out)
 
 
+def unique_prefix(checkpoint: Checkpoint, suffix: str, what: str) -> str:
+  """The one name prefix under which `checkpoint` holds a tensor named `*suffix` (where a sub-model lives, e.g.
+  "model.visual." for "patch_embed.proj.weight"); raises naming `what` when there is none or several."""
+  hits = sorted({k[:-len(suffix)] for k in checkpoint.keys() if k.endswith(suffix)})
+  if len(hits) != 1:
+    raise CheckpointError(f"{checkpoint.path}: cannot locate the {what} (expected exactly one tensor named "
+                          f"'*{suffix}', found {len(hits)}: {hits})")
+  return hits[0]
+
+
 def check_architecture(checkpoint: Checkpoint, supported: Iterable[str]) -> str:
   """Returns the checkpoint's architecture, or raises naming it and the supported ones."""
   supported = tuple(supported)
@@ -464,6 +474,6 @@ def llm_table(cfg) -> MappingTable:
 
 __all__ = [
     "CONV", "CONV3D", "Checkpoint", "CheckpointError", "IDENTITY", "LINEAR", "LLM_ARCHITECTURES",
-    "MappingTable", "Rule", "llm_table",
+    "MappingTable", "Rule", "llm_table", "unique_prefix",
     "Transform", "check_architecture", "load_params", "named_table", "open_checkpoint",
 ]

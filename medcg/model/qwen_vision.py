@@ -306,7 +306,7 @@ class QwenVisionTower(nnx.Module):
     blocks = window_order(cfg)
     window_mask, full = None, np.ones((cfg.num_layers,), bool)
     if blocks is not None:
-      order = _token_order(cfg, blocks)
+      order = _token_order(cfg, blocks)  # a static permutation of the patches
       x, angles = x[:, order], angles[order]
       ids = _window_ids(cfg, blocks)
       window_mask = jnp.asarray(ids[:, None] == ids[None, :])[None, None]  # block-diagonal (1, 1, N, N)
@@ -321,7 +321,7 @@ class QwenVisionTower(nnx.Module):
 
     x, _ = jax.lax.scan(L.remat(body, cfg.remat), x, (state, jnp.asarray(full)), unroll=L.scan_unroll())
     if blocks is not None:
-      x = x[:, np.argsort(_token_order(cfg, blocks))]  # back to merge-block order
+      x = x[:, np.argsort(order)]  # back to merge-block order
     return x
 
 

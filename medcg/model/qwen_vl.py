@@ -191,17 +191,9 @@ def checkpoint_prefixes(checkpoint: hf.Checkpoint) -> dict[str, str]:
     Hub Qwen/Qwen2-VL-*, Qwen2.5-VL-* (transformers < 4.52): visual.*, model.*, lm_head.weight
     transformers >= 4.52 save:                           model.visual.*, model.language_model.*, lm_head.weight
   """
-  keys = checkpoint.keys()
-
-  def prefix(suffix: str, what: str) -> str:
-    hits = sorted({k[:-len(suffix)] for k in keys if k.endswith(suffix)})
-    if len(hits) != 1:
-      raise hf.CheckpointError(f"{checkpoint.path}: cannot locate the {what} (expected exactly one tensor named "
-                               f"'*{suffix}', found {len(hits)}: {hits})")
-    return hits[0]
-
-  heads = [k for k in keys if k.endswith("lm_head.weight")]
-  return dict(vision=prefix("patch_embed.proj.weight", "vision tower"), lm=prefix("embed_tokens.weight", "decoder"),
+  heads = [k for k in checkpoint.keys() if k.endswith("lm_head.weight")]
+  return dict(vision=hf.unique_prefix(checkpoint, "patch_embed.proj.weight", "vision tower"),
+              lm=hf.unique_prefix(checkpoint, "embed_tokens.weight", "decoder"),
               lm_head=heads[0] if len(heads) == 1 else "lm_head.weight")
 
 

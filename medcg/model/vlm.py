@@ -206,7 +206,6 @@ class VLM(nnx.Module):
     return logits, cache, mask
 
 
-_check_placeholders = image_slots.check_placeholders
 
 
 def answer_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -303,7 +302,7 @@ def generate(model: VLM, images, input_ids, attention_mask=None, *, text_ids=Non
   pad = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
   input_ids = jnp.asarray(input_ids, jnp.int32)
   mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  _check_placeholders(input_ids, model.image_token_id, model.num_image_tokens)
+  image_slots.check_placeholders(input_ids, model.image_token_id, model.num_image_tokens)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(model, jnp.asarray(images), input_ids, mask, text_ids, rng,
                    max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=int(pad),
@@ -317,7 +316,7 @@ def score_options(model: VLM, images, prompt_ids, prompt_mask, option_ids, optio
   The vision tower (and TRIM) runs once per example; its features are repeated for the O option rows.
   """
   num_options = option_ids.shape[1]
-  _check_placeholders(prompt_ids, model.image_token_id, model.num_image_tokens)
+  image_slots.check_placeholders(prompt_ids, model.image_token_id, model.num_image_tokens)
   rep = lambda x: None if x is None else jnp.repeat(x, num_options, axis=0)
   feats, slot_mask = model.image_features(images, text_ids)
   feats, slot_mask = rep(feats), rep(slot_mask)
@@ -390,19 +389,11 @@ def llava_prefixes(checkpoint: hf.Checkpoint) -> dict[str, str]:
     transformers 5 save:                vision_tower.* (no vision_model.), multi_modal_projector.*,
                                         language_model.model.*, language_model.lm_head.weight
   """
-  keys = checkpoint.keys()
-
-  def prefix(suffix: str, what: str) -> str:
-    hits = sorted({k[:-len(suffix)] for k in keys if k.endswith(suffix)})
-    if len(hits) != 1:
-      raise hf.CheckpointError(f"{checkpoint.path}: cannot locate the {what} (expected exactly one tensor "
-                               f"named '*{suffix}', found {len(hits)}: {hits})")
-    return hits[0]
-
+  prefix = lambda suffix, what: hf.unique_prefix(checkpoint, suffix, what)
   out = dict(vision=prefix("embeddings.class_embedding", "vision tower"),
              projector=prefix("multi_modal_projector.linear_1.weight", "projector") + "multi_modal_projector.",
              lm=prefix("embed_tokens.weight", "language model"))
-  heads = [k for k in keys if k.endswith("lm_head.weight")]
+  heads = [k for k in checkpoint.keys() if k.endswith("lm_head.weight")]
   out["lm_head"] = heads[0] if len(heads) == 1 else "lm_head.weight"
   return out
 
