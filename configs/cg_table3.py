@@ -59,6 +59,15 @@ def get_sweep(arg=None):
 
 
 def collect(results):
-  """Table 3 beside the paper: our Baseline / Baseline+ / Trained (mean ± sd over seeds) per row."""
+  """Table 3 beside the paper: Baseline / Baseline+ / Trained with n and intervals, the CG test, a bar plot."""
   entries = common.cg_entries(results, "row", splits.table3_combination, paper.table3_row)
-  return {"markdown": report.cg_table(entries), "rows": [e.combo.train for e in entries]}
+  title = ("Table 3: CG rows " + ", ".join(str(e.paper_row.row) for e in entries if e.paper_row)
+           + f" ({common.runs_label(results)})")
+
+  def figure():
+    from medcg.eval import plots  # matplotlib only when the plot is written
+    return plots.cg_rows_figure(entries, title)
+
+  return {"markdown": report.cg_table(entries), "rows": [e.combo.train for e in entries],
+          "decisions": common.decisions(entries, lambda e: e.paper_row.row if e.paper_row else e.combo.target),
+          "figures": {"table3": figure} if entries else {}}

@@ -58,18 +58,28 @@ def _label(combo: splits.Combination) -> str:
 
 
 def collect(results):
-  """Table 10 beside the paper: Baseline / Baseline+ / Trained (mean ± sd) and the paper's Baseline / Trained."""
+  """Table 10 beside the paper: Baseline / Baseline+ / Trained with n and intervals, the CG test, a bar plot."""
   by = common.group_runs(results, lambda p: (int(p["row"]), p.get("arm", "related")))
-  rows = []
+  rows, entries = [], []
   for r in sorted({row for row, _ in by}):
     combo, p = splits.table10_combination(r), paper.TABLE10[r]
-    accs = {arm: report.target_accuracies(by.get((r, arm), ()), combo.target) for arm in ARMS}
-    means = {arm: report.mean_sd(v)[0] for arm, v in accs.items() if v}
-    helps = (means["related"] > max(means["baseline"], means["baseline_plus"])
-             if len(means) == len(ARMS) else None)
-    rows.append([r, _label(combo), report.fmt_pct(accs["baseline"]), report.fmt_pct(accs["baseline_plus"]),
-                 report.fmt_pct(accs["related"]), report.MISSING if helps is None else ("✓" if helps else "✗"),
+    entry = report.CGEntry(combo, {arm: by.get((r, arm), ()) for arm in ARMS}, p)
+    entries.append(entry)
+    arms = [entry.runs(arm) for arm in ARMS]
+    n = report.shared_n(*arms)
+    gain, verdict = report.fmt_decision(entry.decision())
+    rows.append([r, _label(combo), n if n is not None else "varies",
+                 *[report.fmt_arm(a, with_n=n is None) for a in arms], gain, verdict,
                  f"{p.baseline:g} / {p.trained:g}", "✓" if p.helps else "✗"])
-  headers = ["Row", "Sources -> target", "Baseline", "Baseline+", "Trained", "CG helps", "Paper B / T",
-             "Paper helps"]
-  return {"markdown": report.markdown_table(headers, rows)}
+  headers = ["Row", "Sources -> target", "n", "Baseline", "Baseline+", "Trained", "Trained − B+ [95 % CI]",
+             "CG helps?", "Paper B / T", "Paper helps"]
+
+  def figure():
+    from medcg.eval import plots
+    rows_done = ", ".join(str(r) for r in sorted({row for row, _ in by}))
+    return plots.cg_rows_figure(entries, f"Table 10: three-source CG rows {rows_done} ({common.runs_label(results)})")
+
+  return {"markdown": report.markdown_table(headers, rows) + "\n" + report.CG_TEST_NOTE + "\n",
+          "decisions": {str(r): None if (d := e.decision()) is None else d.to_dict()
+                        for r, e in zip(sorted({row for row, _ in by}), entries)},
+          "figures": {"table10": figure} if entries else {}}

@@ -161,7 +161,8 @@ def _gain(related: list[float], plus: list[float]) -> str:
 
 
 def collect(results):
-  """Tables 13/14 (accuracy %) and 5 (cIoU %) beside the paper: mean ± sd over seeds per arm, and the gain."""
+  """Tables 13/14 (accuracy %, with n, intervals and the CG test) and 5 (cIoU %, mean ± sd over seeds) beside
+  the paper, per arm, and the gain."""
   by = common.group_runs(results, lambda p: (int(p["table"]), int(p["row"]), p.get("arm", "related")))
   sections = []
   for table in TABLES:
@@ -171,9 +172,14 @@ def collect(results):
     body = []
     for row in rows_seen:
       combo = combination(table, row)
-      vals = {arm: _values(by.get((table, row, arm), []), table, combo.target) for arm in ARMS}
       label = " + ".join(f"{s:02d}" for s in combo.train) + f" -> {combo.target:02d}"
-      ours = [report.fmt_pct(vals[a]) for a in ARMS] + [_gain(vals["related"], vals["baseline_plus"])]
+      if table == 13:  # accuracies: n, intervals and the CG test, as in Table 3
+        entry = report.CGEntry(combo, {arm: by.get((table, row, arm), []) for arm in ARMS})
+        gain, verdict = report.fmt_decision(entry.decision())
+        ours = [report.fmt_arm(entry.runs(a)) for a in ARMS] + [f"{gain}; {verdict}"]
+      else:  # cIoU is a ratio of summed areas, not a count: mean ± sd over seeds
+        vals = {arm: _values(by.get((table, row, arm), []), table, combo.target) for arm in ARMS}
+        ours = [report.fmt_pct(vals[a]) for a in ARMS] + [_gain(vals["related"], vals["baseline_plus"])]
       if table == 13:
         p = paper.TABLE13_14[row - 1]
         body.append([row, f"{label}: {p.label}", *ours, f"{p.next_chat[0]:g} -> {p.next_chat[1]:g}",
@@ -184,7 +190,8 @@ def collect(results):
     metric = "accuracy %" if table == 13 else "cIoU %"
     paper_cols = (["Paper Next-Chat B -> T", "Paper MiniGPT-v2 B -> T"] if table == 13
                   else ["Paper gain Next-Chat", "Paper gain MiniGPT-v2"])
-    headers = ["Row", "Det + Cls -> target", "Baseline", "Baseline+", "Trained", "Trained − B+"] + paper_cols
+    gain_col = "Trained − B+ [95 % CI]; CG helps?" if table == 13 else "Trained − B+"
+    headers = ["Row", "Det + Cls -> target", "Baseline", "Baseline+", "Trained", gain_col] + paper_cols
     title = "Tables 13-14: detection -> classification" if table == 13 else "Table 5: classification -> detection"
     sections.append(f"### {title} ({metric})\n\n" + report.markdown_table(headers, body))
   return {"markdown": "\n".join(sections)}

@@ -50,6 +50,7 @@ from medcg import configlib
 from medcg import mat
 from medcg import paper
 from medcg import splits
+from medcg.data import prompt
 from medcg.eval import report
 
 DATA_KINDS = ("synth", "medmat")
@@ -358,12 +359,49 @@ def parse_entry(arg_string: str) -> dict[str, str]:
 
 
 def group_runs(results: Mapping[str, Any], key: Callable[[dict[str, str]], Any]) -> dict[Any, list[Any]]:
-  """Results grouped by `key(parsed arg)`, each group's runs ordered by seed (so seeds pair up)."""
+  """Results grouped by `key(parsed arg)`, each group's runs ordered by seed (so seeds pair up).
+
+  Each run comes back as a shallow copy carrying its `seed` (reports name the seeds). SynthMAT runs
+  evaluated before results recorded the options offered get their subsets' `chance` from the generator's
+  label counts (`synth_chance`), so a re-collected table still draws its chance line.
+  """
   groups: dict[Any, list[tuple[int, Any]]] = {}
   for arg_string, res in results.items():
     parsed = parse_entry(arg_string)
-    groups.setdefault(key(parsed), []).append((int(parsed.get("seed", 0)), res))
+    seed = int(parsed.get("seed", 0))
+    res = {**res, "seed": seed}
+    if parsed.get("data", "synth") == "synth":
+      res["per_subset"] = {k: ({**v, "chance": synth_chance(int(k))} if "chance" not in v else v)
+                           for k, v in res.get("per_subset", {}).items()}
+    groups.setdefault(key(parsed), []).append((seed, res))
   return {k: [r for _, r in sorted(v, key=lambda x: x[0])] for k, v in groups.items()}
+
+
+def runs_label(results: Mapping[str, Any]) -> str:
+  """"SynthMAT, tiny" / "Med-MAT, llava-1.5-7b": what a collected figure's title says the runs were."""
+  kinds = set()
+  for arg_string in results:
+    parsed = parse_entry(arg_string)
+    data = parsed.get("data", "synth")
+    model = parsed.get("model") or ("tiny" if data == "synth" else "llava-1.5-7b")
+    kinds.add(f"{'SynthMAT' if data == 'synth' else 'Med-MAT'}, {model}")
+  return "; ".join(sorted(kinds))
+
+
+def synth_chance(subset: int) -> float | None:
+  """Chance on a SynthMAT subset: every question offers min(4, labels) options (`medcg.data.synthetic`)."""
+  from medcg.data import synth_spec
+  labels = synth_spec.LABELS.get(subset)
+  return None if not labels else 1.0 / min(len(labels), len(prompt.LETTERS))
+
+
+def decisions(entries: Sequence[report.CGEntry], key: Callable[[report.CGEntry], Any]) -> dict[str, Any]:
+  """{row: the CG test's result} for the collected JSON (null where an arm is missing)."""
+  out = {}
+  for e in entries:
+    d = e.decision()
+    out[str(key(e))] = None if d is None else d.to_dict()
+  return out
 
 
 def cg_entries(results: Mapping[str, Any], key: str, combo_of: Callable[[int], splits.Combination],

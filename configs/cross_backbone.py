@@ -37,6 +37,7 @@ from configs import common
 from medcg import paper
 from medcg import splits
 from medcg.eval import report
+from medcg.eval import stats
 
 BACKBONES = ("llava", "qwen2-vl", "llama-3.2-v")
 ROWS = tuple(r.table3_row for r in paper.TABLE9)
@@ -81,7 +82,8 @@ def _paper_cells(row: paper.CrossBackboneRow, backbone: str) -> tuple[str, str]:
 
 
 def collect(results):
-  """Per row: our Baseline / Trained (mean ± sd over seeds) and the gain, beside the paper's backbone column."""
+  """Per row: our Baseline / Baseline+ / Trained (n, intervals), Trained vs Baseline tested as the CG tables are
+  (`medcg.eval.stats.compare`), beside the paper's backbone column."""
   by = common.group_runs(results, lambda p: (p.get("backbone", "llava"), int(p["row"]), p.get("arm", "related")))
   sections = []
   for backbone in sorted({b for b, _, _ in by}):
@@ -90,14 +92,15 @@ def collect(results):
       if not any(k[:2] == (backbone, r) for k in by):
         continue
       target = splits.table3_combination(r).target
-      acc = {arm: report.target_accuracies(by.get((backbone, r, arm), ()), target) for arm in ARMS}
+      acc = {arm: report.arm_runs(by.get((backbone, r, arm), ()), target) for arm in ARMS}
       base, trained = acc["baseline"], acc["related"]
-      gain = (report.fmt_pct([t - b for t, b in zip(trained, base)]) if trained and len(base) == len(trained)
-              else report.MISSING)
+      n = report.shared_n(*acc.values())
+      # The paper's cross-backbone tables print Baseline -> Trained, so the test here is against Baseline.
+      gain, verdict = report.fmt_decision(stats.compare(trained, base) if trained and base else None)
       pb, pt = _paper_cells(_BY_ROW[r], backbone)
-      rows.append([r, _BY_ROW[r].label, report.fmt_pct(base), report.fmt_pct(acc["baseline_plus"]),
-                   report.fmt_pct(trained), gain, pb, pt])
-    headers = ["Row", "Combination", "Baseline", "Baseline+", "Trained", "Trained − Baseline",
-               f"Paper {backbone} baseline", f"Paper {backbone} trained"]
+      rows.append([r, _BY_ROW[r].label, n if n is not None else "varies",
+                   *[report.fmt_arm(acc[a], with_n=n is None) for a in ARMS], gain, verdict, pb, pt])
+    headers = ["Row", "Combination", "n", "Baseline", "Baseline+", "Trained", "Trained − Baseline [95 % CI]",
+               "Trained > Baseline?", f"Paper {backbone} baseline", f"Paper {backbone} trained"]
     sections.append(f"### Backbone: {backbone}\n\n" + report.markdown_table(headers, rows))
   return {"markdown": "\n".join(sections)}

@@ -46,6 +46,9 @@ def get_config(arg=None):
       pairing=arg.pairing,    # "reference": each candidate vs the reference; "all": every pair (Elo)
       elo_rounds=1000,
       elo_seed=42,
+      # "last_line": the reply's last label line is its vote (the prompt asks for the vote on the last line);
+      # "strict": two different label lines make the reply unparsed.
+      label_policy="last_line",
   ))
 
   c.judge = ml_collections.ConfigDict(dict(

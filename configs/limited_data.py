@@ -122,29 +122,45 @@ def get_sweep(arg=None):
 
 
 def collect(results):
-  """Per figure, a table of target accuracy (mean ± sd) by direction type, arm and n; the paper has curves only."""
+  """Per figure, a table of target accuracy (n, interval) by direction type, arm and n, and its curves (one
+  panel per direction type); the paper has curves only."""
   by = common.group_runs(results, lambda p: (int(p["fig"]), p["direction"], p["arm"], int(p["n"])))
-  sections, series = [], {}
+  sections, series, figures = [], {}, {}
   for fig in FIGS:
     keys = [k for k in by if k[0] == fig]
     if not keys:
       continue
     headers = ["Direction", "Row -> target", "Arm"] + [f"n={n}" for n in SAMPLES[fig]]
     rows = []
+    title = ("Fig. 5: composition samples, no target data" if fig == 5
+             else "Fig. 6: target samples added to the composition")
     for d in paper.DIRECTIONS:
       r = chosen_row(fig, d)
+      curves, chance = {}, None
       for arm in ("related", "baseline_plus"):
         if not any(k[1] == d and k[2] == arm for k in keys):
           continue
-        cells = []
+        cells, points = [], []
         for n in SAMPLES[fig]:
           got = by.get((fig, d, "baseline" if fig == 5 and n == 0 else arm, n), ())
-          accs = report.target_accuracies(got, r.target)
-          cells.append(report.fmt_pct(accs))
-          series.setdefault(f"fig{fig}/{d}/{arm}", []).append([n, accs])
+          runs = report.arm_runs(got, r.target)
+          chance = chance if chance is not None else report.chance(got, r.target)
+          cells.append(report.fmt_arm(runs))
+          points.append(runs)
+          series.setdefault(f"fig{fig}/{d}/{arm}", []).append([n, [a.accuracy for a in runs]])
+        curves[report.ARM_TITLES[arm]] = points
         rows.append([paper.DIRECTION_TITLES[d], f"{r.row}: {' + '.join(f'{s:02d}' for s in r.train)} -> "
                      f"{mat.get(r.target).id:02d}", report.ARM_TITLES[arm]] + cells)
-    title = ("Fig. 5: composition samples, no target data" if fig == 5
-             else "Fig. 6: target samples added to the composition")
+      if curves:
+        t = mat.get(r.target)
+
+        def figure(fig=fig, curves=curves, chance=chance, label=f"{title} ({common.runs_label(results)})\n"
+                   f"{paper.DIRECTION_TITLES[d]}, "
+                   f"row {r.row}: {' + '.join(f'{s:02d}' for s in r.train)} -> {t.id:02d} {' '.join(t.triplet)}"):
+          from medcg.eval import plots  # matplotlib only when the plot is written
+          xlabel = "composition training samples" if fig == 5 else "target samples added to training"
+          return plots.curves_figure(SAMPLES[fig], curves, xlabel, label, chance)
+
+        figures[f"fig{fig}_{d}"] = figure
     sections.append(f"### {title} (paper: curves only)\n\n" + report.markdown_table(headers, rows))
-  return {"markdown": "\n".join(sections), "series": series}
+  return {"markdown": "\n".join(sections), "series": series, "figures": figures}

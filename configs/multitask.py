@@ -79,7 +79,14 @@ def get_sweep(arg=None):
 
 
 def collect(results):
-  """Tables 1-2 as one per-subset table: Baseline / Single-task / Multi-task beside the paper's columns."""
+  """Tables 1-2 as one per-subset table (Baseline / Single-task / Multi-task with n and intervals, beside the
+  paper's columns) and the multi-task run's modality x area heatmap (its first seed)."""
   by = common.group_runs(results, lambda p: p.get("arm", "multi"))
   runs = {ARM_TITLES[arm]: by[arm] for arm in ARMS if arm in by}
-  return {"markdown": report.subset_table(runs, subsets=list(mat.CLASSIFICATION_SUBSETS))}
+  figures = {}
+  if by.get("multi"):
+    def figure(res=by["multi"][0]):
+      from medcg.eval import plots  # matplotlib only when the plot is written
+      return plots.heatmap_figure(res, f"Tables 1-2: multi-task ({common.runs_label(results)}), seed {res['seed']}")
+    figures["multitask_heatmap"] = figure
+  return {"markdown": report.subset_table(runs, subsets=list(mat.CLASSIFICATION_SUBSETS)), "figures": figures}

@@ -68,11 +68,17 @@ def get_sweep(arg=None):
 
 
 def collect(results):
-  """One Fig. 4 table per target: each setting's accuracy (mean ± sd over seeds) beside the paper's bar."""
+  """One Fig. 4 table and bar plot per target: each setting's accuracy (n, interval) beside the paper's bar."""
   by = common.group_runs(results, lambda p: (int(p["target"]), p["setting"]))
-  sections = []
+  sections, figures = [], {}
   for target in sorted({t for t, _ in by}):
     runs = {s: by[(t, s)] for (t, s) in by if t == target}
     t = mat.get(target)
     sections.append(f"### Target {t.id:02d} {' '.join(t.triplet)}\n\n" + report.scaling_table(target, runs))
-  return {"markdown": "\n".join(sections)}
+
+    def figure(target=target, runs=runs):
+      from medcg.eval import plots  # matplotlib only when the plot is written
+      return plots.scaling_figure(target, runs, f"Fig. 4: scaling and disrupting CG ({common.runs_label(results)})")
+
+    figures[f"fig4_target{target:02d}"] = figure
+  return {"markdown": "\n".join(sections), "figures": figures}

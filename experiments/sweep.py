@@ -7,8 +7,10 @@
 Each sweep entry is the arg string of one run (`row=15,arm=related,seed=0`). A run's workdir is
 `ROOT/<config name>/<arg string made path-safe>`; a run whose `results.json` exists is skipped, so a sweep
 can be re-launched after a failure or preemption. `--collect` gathers every finished run's results.json into
-one table beside the paper's numbers (the config's `collect(results)` does the layout); `--out OUT` also writes
-OUT.md and OUT.json (the table plus every run's overall / per-subset numbers).
+one table beside the paper's numbers (the config's `collect(results)` does the layout: n and 95 % intervals on
+every accuracy, the CG test on every Baseline+ / Trained pair); `--out OUT` also writes OUT.md, OUT.json (the
+table plus every run's counts and per-sample outcomes) and the paper's figures as OUT_<name>.png / .svg.
+`--collect --from OUT.json` re-lays out a table written earlier, after its runs are gone.
 
 ROOT may be `gs://BUCKET/...` for every launcher, and must be for a pod: its hosts write one multi-host orbax
 checkpoint, so the workdir must be a directory every host sees. Before any run starts, the data of every
@@ -136,25 +138,55 @@ def run_local(runs: list[dict[str, Any]], parallel: int, log_dir: str | None = N
     return list(pool.map(one, todo))
 
 
-def collect(config_path: str, root: str) -> dict[str, Any]:
-  """Gather finished runs' results.json; the config's collect() lays them out beside the paper."""
+RUN_KEYS = ("overall", "per_subset", "detection", "outcomes")
+
+
+def collect(config_path: str, root: str, from_json: str = "") -> dict[str, Any]:
+  """Gather finished runs' results.json; the config's collect() lays them out beside the paper.
+
+  `from_json` re-collects a table written earlier (its "runs": the runs' counts and per-sample outcomes)
+  instead of reading workdirs, so a committed table can be re-laid out after the runs are gone. The table's
+  "figures" are zero-argument functions that build matplotlib figures (`write_table` draws them).
+  """
   module = load_config_module(config_path)
   results = {}
-  for arg in sweep_args(config_path):
-    path = fileio.join(workdir_for(root, config_path, arg), "results.json")
-    if fileio.exists(path):
-      results[arg] = fileio.read_json(path)
+  if from_json:
+    stored = fileio.read_json(from_json).get("runs")
+    if not isinstance(stored, dict):
+      raise UserError(f"--from {from_json}: no 'runs' object (is this a table written by --collect --out?)")
+    wanted = set(sweep_args(config_path))
+    results = {arg: res for arg, res in stored.items() if arg in wanted}
+  else:
+    for arg in sweep_args(config_path):
+      path = fileio.join(workdir_for(root, config_path, arg), "results.json")
+      if fileio.exists(path):
+        results[arg] = fileio.read_json(path)
   table = dict(module.collect(results)) if hasattr(module, "collect") else {}
-  # Every run's headline numbers travel with the table, so a committed table can be re-laid out or re-tested.
-  table["runs"] = {arg: {k: res[k] for k in ("overall", "per_subset", "detection") if k in res}
-                   for arg, res in results.items()}
+  # Every run's counts (and per-sample outcomes, for the paired test) travel with the table, so a committed
+  # table can be re-laid out (`--from`) or re-tested.
+  table["runs"] = {arg: {k: res[k] for k in RUN_KEYS if k in res} for arg, res in results.items()}
   return table
 
 
-def write_table(out: str, table: dict[str, Any]) -> None:
-  """OUT.md (the markdown table) and OUT.json (the table plus every run's numbers), each written atomically."""
-  fileio.atomic_write_text(out + ".md", table.get("markdown", "") + "\n")
+def write_table(out: str, table: dict[str, Any]) -> list[str]:
+  """OUT.md (the markdown table, with its plots linked), OUT.json (the table plus every run's numbers) and each
+  figure as OUT_<name>.png and .svg, every file written atomically. Returns the files written."""
+  table = dict(table)
+  figures = table.pop("figures", {}) or {}
+  written, links = [], []
+  if figures:
+    from medcg.eval import plots  # matplotlib only when there is something to draw
+    for name, make in figures.items():
+      png = f"{out}_{name}.png"
+      plots.save(make(), png)
+      written += [png, png[:-4] + ".svg"]
+      links.append(f"![{name}]({os.path.basename(png)})")
+  markdown = table.get("markdown", "")
+  if links:
+    markdown = markdown.rstrip() + "\n\n" + "\n\n".join(links)
+  fileio.atomic_write_text(out + ".md", markdown + "\n")
   fileio.atomic_write_json(out + ".json", table)
+  return [out + ".md", out + ".json"] + written
 
 
 def check_data(config_path: str, runs: list[dict[str, Any]], *, check_local: bool = True) -> None:
@@ -173,9 +205,10 @@ def check_data(config_path: str, runs: list[dict[str, Any]], *, check_local: boo
 
 
 def _print_table(table: dict[str, Any], out: str) -> None:
-  print(table.get("markdown", json.dumps(table, indent=2)))
+  print(table.get("markdown", json.dumps({k: v for k, v in table.items() if k != "figures"}, indent=2)))
   if out:
-    write_table(out, table)
+    for path in write_table(out, table):
+      print(f"wrote {path}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,13 +234,18 @@ def _main(argv: Sequence[str] | None) -> int:
   p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
                  help="local launcher, gs:// root: where each run's sweep.log is written before it is copied")
   p.add_argument("--collect", action="store_true", help="only gather finished runs into a table")
-  p.add_argument("--out", default="", help="also write the collected table to OUT.md and OUT.json")
+  p.add_argument("--out", default="", help="also write the collected table to OUT.md and OUT.json, and its plots "
+                 "to OUT_<name>.png / .svg")
+  p.add_argument("--from", dest="from_json", default="",
+                 help="with --collect: re-collect a table written earlier (OUT.json) instead of reading workdirs")
   a = p.parse_args(argv)
 
+  if a.from_json and not a.collect:
+    p.error("--from needs --collect")
   if a.collect:
-    table = collect(a.config, a.root)
+    table = collect(a.config, a.root, a.from_json)
     found, total = len(table["runs"]), len(sweep_args(a.config))
-    where = fileio.join(fileio.absolute(a.root), config_stem(a.config))
+    where = a.from_json or fileio.join(fileio.absolute(a.root), config_stem(a.config))
     print(f"{found} of {total} runs found under {where}", file=sys.stderr)
     if not found:
       return 1

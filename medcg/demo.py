@@ -8,7 +8,8 @@
 3. runs the three arms of `configs/demo.py` (Table 3 row 25: CT-Brain 05 + X-ray-Lung 28 -> CT-Lung 03):
    the untrained Baseline, Baseline+ (as many samples from subsets sharing no MAT element with 03) and
    Related (the two related subsets), each evaluated on subset 03's test split, which no arm trains on;
-4. prints the CG table with the paper's numbers beside it and writes it to WORKDIR/demo.md.
+4. prints the CG table (n, intervals, the CG test) with the paper's numbers beside it and writes it to
+   WORKDIR/demo.md, with demo.json and the Table 3 bar plot WORKDIR/demo_table3.png (and .svg).
 
 Finished arms are skipped (a re-run resumes); each arm's workdir holds its checkpoints, metrics, TensorBoard
 events, samples.jsonl and results.json. Before the first arm starts, the shards are checked against every arm's
@@ -50,21 +51,6 @@ def ensure_shards(raw_dir: str, shards_dir: str, *, image_size: int, per_subset:
   print(f"[demo] converting to {fmt} shards in {shards_dir}", flush=True)
   data_main(["convert", "--src", raw_dir, "--out", shards_dir, "--image-size", str(image_size),
              "--format", fmt, "--no-progress"])
-
-
-def noise_note(runs) -> str:
-  """How large a gap the test split can resolve: one accuracy's binomial standard error at 50 %."""
-  n = 0
-  for r in runs:
-    path = fileio.join(r["workdir"], "results.json")
-    if fileio.exists(path):
-      n = fileio.read_json(path)["overall"]["n"]
-      break
-  if not n:
-    return ""
-  se = 100 * (0.25 / n) ** 0.5
-  return (f"{n} test samples per arm: one accuracy's standard error is about {se:.1f} points, so a gap under "
-          f"~{2 * se:.0f} points between arms is noise (more seeds: --seeds 3).")
 
 
 def main(argv=None) -> int:
@@ -137,11 +123,9 @@ def _run(a) -> int:
         return rc
       print(f"[demo]   finished in {time.time() - t:.0f} s", flush=True)
   table = sweep.collect(base, a.workdir)
-  text = table.get("markdown", "") + "\n\n" + noise_note(runs)
-  out = fileio.join(a.workdir, "demo.md")
-  fileio.atomic_write_text(out, text + "\n")
-  print(text)
-  print(f"[demo] total {time.time() - t0:.0f} s; table in {out}")
+  print(table.get("markdown", ""))
+  written = sweep.write_table(fileio.join(a.workdir, "demo"), table)  # demo.md, demo.json and the plot
+  print(f"[demo] total {time.time() - t0:.0f} s; table in {written[0]}, plot in {written[2]}")
   return 0
 
 

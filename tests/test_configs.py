@@ -340,8 +340,16 @@ def test_collect_renders_tables(name):
   assert len(body) == EXPECTED_ROWS[name], f"seed {seed}"
   if name in CG_MODULES:
     assert any("90.0" in cell for row in body for cell in row), f"seed {seed}"
+  import matplotlib.pyplot as plt
+  figures = out.get("figures", {})
+  assert bool(figures) == (name in FIGURE_MODULES), sorted(figures)
+  for make in figures.values():  # each builds a titled figure from these results
+    fig = make()
+    assert fig.axes and (fig.axes[0].get_title() or fig._suptitle.get_text())
+    plt.close(fig)
 
 
+FIGURE_MODULES = ("cg_table3", "cg_three_source", "scaling", "multitask", "demo", "limited_data")
 EXPECTED_ROWS = {"cg_table3": 43, "cg_three_source": 9, "scaling": 14, "multitask": 37, "cross_backbone": 8,
                  "demo": 1, "limited_data": 16, "cls_det": 10}
 
@@ -351,12 +359,15 @@ def test_collect_means_over_seeds():
           (("baseline", (0.5, 0.5)), ("baseline_plus", (0.4, 0.6)), ("related", (0.8, 0.9))) for s, acc in
           enumerate(accs)}
   body = _check_table(_module("cg_table3").collect(runs)["markdown"])
-  assert body[0][0] == "15" and body[0][3:8] == ["50.0 ± 0.0", "50.0 ± 14.1", "85.0 ± 7.1", "35.0 ± 7.1", "✓"]
-  assert body[0][8] == "47 / 46 / 72"
+  assert body[0][0] == "15" and body[0][3:7] == ["60", "50.0 ± 0.0 (seeds 0,1)", "50.0 ± 14.1 (seeds 0,1)",
+                                                 "85.0 ± 7.1 (seeds 0,1)"]
+  # counts only (no per-sample outcomes): the unpaired bootstrap, and the table says so
+  assert body[0][7].startswith("+35.0 [+") and body[0][8] == "**helps** (p<0.0001, unpaired)"
+  assert body[0][9] == "47 / 46 / 72"
   scaling = _module("scaling").collect({"target=3,setting=all_related,seed=0": _fake_results({3: 0.7})})["markdown"]
-  assert "| All Related | 70.0 | 73 |" in scaling
+  assert "| All Related | 60 | 70.0 [57.5, 80.1] | – | – | 73 |" in scaling
   multi = _module("multitask").collect({"arm=multi,seed=0": _fake_results({3: 0.9, 5: 0.4})})["markdown"]
-  assert "| 03 | CT Lung COVID | ID | 60 | 90.0 | 47 | 49 | 89 |" in multi
+  assert "| 03 | CT Lung COVID | ID | 60 | 90.0 [79.9, 95.3] | 47 | 49 | 89 |" in multi
 
 
 def test_colab_notebook_is_valid():
@@ -402,10 +413,22 @@ def test_sweep_collect_writes_the_table_and_every_run(tmp_path, capsys):
   out = tmp_path / "tables" / "demo"
   assert sweep.main(["--config", config, "--root", str(tmp_path / "runs"), "--collect", "--out", str(out)]) == 0
   markdown = (tmp_path / "tables" / "demo.md").read_text()
-  assert markdown.strip() in capsys.readouterr().out and "85.0" in markdown   # Related: mean of 90 and 80
   saved = json.loads((tmp_path / "tables" / "demo.json").read_text())
-  assert saved["markdown"].strip() == markdown.strip() and len(saved["runs"]) == len(accs)
+  printed = capsys.readouterr()
+  assert saved["markdown"].strip() in printed.out and "85.0" in markdown   # Related: mean of 90 and 80
+  assert markdown.startswith(saved["markdown"].strip()) and len(saved["runs"]) == len(accs)
   assert saved["runs"]["arm=related,seed=1"]["overall"]["accuracy"] == pytest.approx(0.8, abs=0.01)
+  assert saved["decisions"]["25"]["verdict"] == "helps" and saved["decisions"]["25"]["test"] == "unpaired bootstrap"
+  # the Table 3 plot beside the table, linked from it, as PNG and SVG
+  png = tmp_path / "tables" / "demo_table3.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.with_suffix(".svg").stat().st_size > 0
+  assert "![table3](demo_table3.png)" in markdown and f"wrote {png}" in printed.err
+  # --from re-lays out the committed table without the workdirs
+  again = tmp_path / "again"
+  assert sweep.main(["--config", config, "--collect", "--from", str(out) + ".json", "--out", str(again)]) == 0
+  assert json.loads((tmp_path / "again.json").read_text())["markdown"] == saved["markdown"]
+  with pytest.raises(SystemExit):
+    sweep.main(["--config", config, "--from", str(out) + ".json"])
 
 
 QWEN_BASES = {"synth": "model=tiny-qwen2vl", "medmat": f"data=medmat,model=qwen2-vl-7b,shards={NO_SHARDS}"}

@@ -12,7 +12,12 @@ def test_demo_runs_all_arms_and_prints_the_table(tmp_path, capsys):
   assert rc == 0
   table = (tmp_path / "runs" / "demo.md").read_text()
   assert "| 25 | Fixed task |" in table and "47 / 50 / 81" in table   # our row beside the paper's
-  assert "standard error" in table
+  row = next(line for line in table.splitlines() if line.startswith("| 25 |"))
+  cells = [c.strip() for c in row.strip("|").split(" | ")]
+  assert cells[3] == "4" and "[" in cells[4]                          # n, and a Wilson interval on one run
+  assert any(v in cells[8] for v in ("helps", "no evidence", "hurts")) and "p" in cells[8]  # the CG test
+  assert "![table3](demo_table3.png)" in table
+  assert (tmp_path / "runs" / "demo_table3.png").read_bytes()[:4] == b"\x89PNG"
   arms = sorted(os.listdir(tmp_path / "runs" / "demo"))
   assert [a.split("__")[0] for a in arms] == ["arm=baseline", "arm=baseline_plus", "arm=related"]
   for arm in arms:

@@ -130,6 +130,14 @@ def test_files_written_and_well_formed(loaded, tmp_path):
   for heading in ("## Summary", "## Per subset", "## Per triplet", "## Per modality", "## Answer stages"):
     assert heading in text
   assert (out / runner.HEATMAP_FILE).stat().st_size > 0
+  assert (out / runner.BARS_FILE).stat().st_size > 0 and (out / runner.BARS_FILE).with_suffix(".svg").exists()
+  assert "![accuracy per subset](accuracy_per_subset.png)" in text
+  # chance: each sample's options as offered (SynthMAT offers min(4, labels)); outcomes: one 0/1 per sample
+  from configs import common
+  for s in SUBSETS:
+    key = f"{s:02d}"
+    assert on_disk["per_subset"][key]["chance"] == pytest.approx(common.synth_chance(s))
+    assert on_disk["outcomes"][key]["correct"].count("1") == on_disk["per_subset"][key]["correct"]
   assert not [p for p in os.listdir(out) if ".tmp" in p]  # atomic writes leave no temp files
 
 

@@ -332,6 +332,39 @@ def test_killed_run_resumes_without_repeating_cached_calls(tmp_path, server_fact
   _assert_no_secret(tmp_path)
 
 
+def test_cli_label_policy_flag(tmp_path, server_factory):
+  # Sample 0, order 1 replies with two different label lines: --label_policy=strict leaves it unparsed.
+  srv = server_factory(script={(0, 1): [("text", "Answer2\nOn reflection:\nAnswer1")] * 2})
+  cmd = [sys.executable, "-m", "medcg.judge", "--config", os.path.join(REPO, "configs", "judge.py"),
+         f"--config.workdir={tmp_path}", f"--config.data.path={FIXTURES}/questions.json",
+         f"--config.data.criteria_path={FIXTURES}/criteria.json",
+         f"--config.answers.reference={FIXTURES}/answers_ref.jsonl",
+         f"--config.answers.candidates={FIXTURES}/answers_a.jsonl",
+         f"--config.judge.url={srv.url}", "--config.judge.model=judge-x",
+         f"--config.judge.api_key_env={KEY_ENV}", "--config.protocol.elo_rounds=10"]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  bad = subprocess.run(cmd + ["--label_policy=first"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+  assert "error: --label_policy must be one of 'last_line', 'strict', got 'first'" in bad.stderr
+  assert srv.total == 0
+  done = subprocess.run(cmd + ["--label_policy=strict"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  stats = results["stats"]
+  assert (stats["label_policy"], stats["unparsed"], stats["conflicting_label_replies"]) == ("strict", 1, 1)
+  assert [r["sample_id"] for r in results["incomplete"]] == ["0"]
+  assert "Label policy `strict`: 1 replies had several label lines, 1 of them with different labels." in done.stdout
+  # The default reads the same (retried) reply by its last line, Answer1 in order 1: the reference wins it.
+  default = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert default.returncode == 0, default.stderr[-2000:]
+  assert srv.requests[(0, 1)] == 2 and srv.total == 15
+  recs = {r["sample_id"]: r for r in _records(tmp_path)}
+  assert recs["0"]["orders"][0]["label"] == A1 and recs["0"]["verdict"] == "tie"  # with A1 in order 2
+
+
 def test_retry_after_header_forms():
   import email.utils
   parse = HttpJudge._retry_after

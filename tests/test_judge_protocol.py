@@ -19,11 +19,11 @@ A1, A2, U1, U2 = prompts.LABELS
     ("Answer 2 is more detailed and matches the image.\nAnswer2", A2),
     ("Unable to decide: Situation One", U1), ("unable to decide: situation two\n", U2),
     ("Answer1.", None), ("**Answer1**", None), ("Answer3", None), ("The better one is Answer1", None),
-    ("", None), ("Answer1\nAnswer2", None),            # two different labels: ambiguous
+    ("", None), ("Answer1\nAnswer2", A2),             # two different labels: the last line wins
     ("Answer2\nanswer2", A2),                          # the same label twice is still one vote
 ])
-def test_parse_vote_is_strict_whole_line(text, label):
-  assert protocol.parse_vote(text) == label
+def test_parse_vote_is_whole_line(text, label):
+  assert protocol.parse_vote(text) == label  # the default policy, last_line (tests/test_judge_labels.py)
 
 
 # --- the two-order combination rule ---------------------------------------------------------------

@@ -1,4 +1,8 @@
 """parse_answer on realistic model outputs, and option log-likelihood choice."""
+import collections
+import json
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -82,6 +86,47 @@ def test_parse_answer_table(output, options, letter, stage):
 
 def test_table_is_large_enough():
   assert len(CASES) >= 30
+
+
+# Hand-graded outputs: grade is the letter a careful grader credits, or null where no single option is given.
+GRADED = pathlib.Path(__file__).parent / "data" / "mcq_graded.jsonl"
+GRADED_ROWS = [json.loads(line) for line in GRADED.read_text(encoding="utf-8").splitlines() if line.strip()]
+KINDS = ("letter_form", "fullwidth", "cjk", "multilingual", "option_text", "nested", "negation", "reasoning",
+         "verbose", "echo", "refusal", "article", "pronoun", "two_letters", "hedge", "verdict")
+
+
+@pytest.mark.parametrize("row", GRADED_ROWS, ids=[r["id"] for r in GRADED_ROWS])
+def test_parse_answer_agrees_with_hand_grades(row):
+  # Exact agreement: never a wrong letter, and no letter only where the grade is null.
+  letter, stage = mcq.parse_answer(row["output"], row["options"])
+  assert letter == row["grade"], row["note"]
+  assert stage in mcq.STAGES and (letter is None) == (stage == "unparsed")
+
+
+def test_hand_graded_table_covers_its_kinds():
+  assert len(GRADED_ROWS) >= 60
+  assert len({r["id"] for r in GRADED_ROWS}) == len(GRADED_ROWS)
+  assert {len(r["options"]) for r in GRADED_ROWS} >= {2, 3, 4}
+  kinds = collections.Counter(r["kind"] for r in GRADED_ROWS)
+  assert set(kinds) == set(KINDS)
+  assert all(kinds[k] > 0 for k in KINDS)
+  grades = {r["grade"] for r in GRADED_ROWS}
+  assert None in grades and {"A", "B", "C", "D"} <= grades
+
+
+def test_mcq_parsers_script(tmp_path):
+  from experiments import mcq_parsers
+  out = tmp_path / "mcq_parsers"
+  assert mcq_parsers.main(["--table", str(GRADED), "--out", str(out)]) == 0
+  result = json.loads((tmp_path / "mcq_parsers.json").read_text(encoding="utf-8"))
+  assert len(result["rows"]) == len(GRADED_ROWS)
+  for name, counts in result["summary"].items():
+    assert sum(counts[o] for o in mcq_parsers.OUTCOMES) == counts["n"] == len(GRADED_ROWS), name
+    assert sum(k[name]["n"] for k in result["by_kind"].values()) == len(GRADED_ROWS)
+  assert result["summary"]["medcg"]["wrong_letter"] == 0
+  assert result["summary"]["medcg"]["random_guess"] == 0
+  md = (tmp_path / "mcq_parsers.md").read_text(encoding="utf-8")
+  assert "open-compass/VLMEvalKit" in md and "EvolvingLMMs-Lab/lmms-eval" in md
 
 
 def test_parse_answer_input_errors():

@@ -1,7 +1,9 @@
 """Per-sample evaluation records -> accuracy by subset, triplet, MAT element and ID/OOD, written atomically.
 
 Every number is a count first: `{"n", "correct", "accuracy"}` with accuracy = correct / n (a fraction;
-reports print percent). Overall accuracy is over samples (micro); `macro_subset` averages the subsets'
+reports print percent) and its 95 % Wilson `interval`; each subset also has, when the records say how many
+options were offered, its `chance` accuracy. `outcomes` keeps each subset's per-sample 0/1 string, so two
+runs on the same test samples can be compared sample by sample (`medcg.eval.stats.compare`). Overall accuracy is over samples (micro); `macro_subset` averages the subsets'
 accuracies, which is how the paper's tables read. Aggregation sorts by key, so the result does not depend
 on record order, and a duplicated `sample_id` is an error (an evaluation that saw a sample twice is wrong).
 Unparsed answers are wrong and their rate is reported with the count of every parse stage.
@@ -23,7 +25,9 @@ from medcg import mat
 from medcg.fileio import atomic_write_text  # noqa: F401 (re-exported)
 from medcg.eval import detection
 from medcg.eval import mcq
+from medcg.eval import stats
 
+OPTIONAL_KEYS = ("box", "iou", "num_options")
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
 SCHEMA_VERSION = 1
@@ -47,6 +51,7 @@ class SampleRecord:
   answer: str
   box: tuple[float, float, float, float] | None = None
   iou: float | None = None
+  num_options: int | None = None   # options offered (chance is 1 / num_options); None in older records
 
   @property
   def is_detection(self) -> bool:
@@ -55,7 +60,7 @@ class SampleRecord:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], where: str = "record") -> "SampleRecord":
     """Validates a dict (e.g. one JSONL line); errors name `where` and the key at fault."""
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in ("box", "iou")]
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in OPTIONAL_KEYS]
     if missing:
       raise ValueError(f"{where}: missing keys {missing}")
     triplet = tuple(d["triplet"])
@@ -72,18 +77,24 @@ class SampleRecord:
       raise ValueError(f"{where}: 'box' must be null or 4 numbers, got {box!r}")
     if mat.get(subset).status == "det" and iou is None:
       raise ValueError(f"{where}: detection sample (subset {subset:02d}) without 'iou'")
+    num_options = d.get("num_options")
+    if num_options is not None and (not isinstance(num_options, int) or num_options < 1):
+      raise ValueError(f"{where}: 'num_options' must be a positive integer, got {num_options!r}")
     return cls(str(d["sample_id"]), subset, triplet, str(d["prompt"]), str(d["output"]),
                None if d["parsed"] is None else str(d["parsed"]), str(d["stage"]), d["correct"],
                str(d["answer"]), None if box is None else tuple(float(v) for v in box),
-               None if iou is None else float(iou))
+               None if iou is None else float(iou), num_options)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["triplet"] = list(self.triplet)
     if self.is_detection:
       d["box"] = None if self.box is None else list(self.box)
+      del d["num_options"]
     else:  # classification rows keep their schema
       del d["box"], d["iou"]
+      if self.num_options is None:
+        del d["num_options"]
     return d
 
 
@@ -95,7 +106,7 @@ def score_generation(sample_id: str, subset: int | str, triplet: Sequence[str], 
   if answer not in mcq.option_letters(options):
     raise ValueError(f"sample {sample_id}: answer {answer!r} is not one of the {len(options)} options")
   return SampleRecord(str(sample_id), mat.get(subset).id, tuple(triplet), prompt, output, letter, stage,
-                      letter == answer, answer)
+                      letter == answer, answer, num_options=len(options))
 
 
 def score_choice(sample_id: str, subset: int | str, triplet: Sequence[str], prompt: str, index: int | None,
@@ -106,7 +117,7 @@ def score_choice(sample_id: str, subset: int | str, triplet: Sequence[str], prom
   answer = answer.strip().upper()
   output = "" if letter is None else options[index]
   return SampleRecord(str(sample_id), mat.get(subset).id, tuple(triplet), prompt, output, letter, stage,
-                      letter == answer, answer)
+                      letter == answer, answer, num_options=len(options))
 
 
 def score_detection(sample_id: str, subset: int | str, triplet: Sequence[str], prompt: str, output: str,
@@ -139,7 +150,8 @@ def detection_summary(records: Sequence[SampleRecord], iou_threshold: float = 0.
 
 
 def _acc(n: int, correct: int) -> dict[str, Any]:
-  return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+  return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+          "interval": list(stats.wilson(correct, n))}
 
 
 def _group(records: Sequence[SampleRecord], key) -> dict[str, dict[str, Any]]:
@@ -149,6 +161,20 @@ def _group(records: Sequence[SampleRecord], key) -> dict[str, dict[str, Any]]:
     c[0] += 1
     c[1] += int(r.correct)
   return {k: _acc(*counts[k]) for k in sorted(counts)}
+
+
+def outcomes(records: Sequence[SampleRecord]) -> dict[str, dict[str, str]]:
+  """Per subset, every sample's 0/1 in sample-id order and a digest of the ids: what a paired test between
+  two runs on the same test samples needs (`medcg.eval.stats.compare`), one character per sample."""
+  by: dict[str, list[SampleRecord]] = {}
+  for r in records:
+    by.setdefault(f"{r.subset:02d}", []).append(r)
+  out = {}
+  for key in sorted(by):
+    rs = sorted(by[key], key=lambda r: r.sample_id)
+    out[key] = {"ids_digest": stats.outcomes_digest([r.sample_id for r in rs]),
+                "correct": "".join("1" if r.correct else "0" for r in rs)}
+  return out
 
 
 def triplet_key(triplet: Sequence[str]) -> str:
@@ -174,6 +200,9 @@ def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, 
     s = mat.get(int(key))
     v["triplet"] = list(s.triplet)
     v["status"] = s.status
+    offered = [r.num_options for r in recs if r.subset == s.id]
+    if all(k is not None for k in offered):  # chance: the expected accuracy of a uniform guess
+      v["chance"] = sum(1.0 / k for k in offered) / len(offered)
   stages = {}
   for r in recs:
     stages[r.stage] = stages.get(r.stage, 0) + 1
@@ -196,6 +225,7 @@ def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, 
       "parse": {"stages": dict(sorted(stages.items())), "unparsed": unparsed,
                 "failure_rate": unparsed / n if n else 0.0},
       "counts": {"samples": n, "subsets": len(per_subset)},
+      "outcomes": outcomes(recs),
       **extra,
   }
 

@@ -40,6 +40,7 @@ from medcg.data import prompt as prompt_lib
 from medcg.eval import metrics
 from medcg.eval import mcq
 from medcg.eval import report
+from medcg.eval import stats
 from medcg.model import vlm as vlm_lib
 from medcg.train import sharding as shd
 
@@ -48,6 +49,7 @@ LIKELIHOOD_TARGETS = ("letter", "text")
 REDUCTIONS = ("mean", "sum")
 REPORT_FILE = "report.md"
 HEATMAP_FILE = "heatmap_modality_area.png"
+BARS_FILE = "accuracy_per_subset.png"
 # Option slots per example: the prompt offers at most this many letters (medcg.data.prompt.LETTERS).
 MAX_OPTIONS = len(prompt_lib.LETTERS)
 MODEL_KEYS = ("image", "input_ids", "attention_mask", "text_ids")
@@ -285,20 +287,47 @@ def gather_records(records: Sequence[metrics.SampleRecord]) -> list[metrics.Samp
 
 
 def _per_group_table(groups: Mapping[str, Mapping[str, Any]], title: str) -> str:
-  rows = [[k, v["n"], v["correct"], report.fmt_pct([v["accuracy"]])] for k, v in groups.items()]
-  return report.markdown_table([title, "n", "correct", "accuracy %"], rows)
+  rows = []
+  for k, v in groups.items():
+    low, high = stats.wilson(int(v["correct"]), int(v["n"]))
+    rows.append([k, v["n"], v["correct"], f"{100 * v['accuracy']:.1f}", f"[{100 * low:.1f}, {100 * high:.1f}]"])
+  return report.markdown_table([title, "n", "correct", "accuracy %", "95 % CI"], rows)
+
+
+def run_title(results: Mapping[str, Any]) -> str:
+  """"cg_table3 row 25, Trained (step 444)": what a report or plot of this run is about."""
+  experiment = report.experiment_of(results)
+  parts = [str(experiment.get("name", "medcg evaluation"))]
+  for key in ("table", "row", "fig", "direction", "setting", "n", "backbone"):
+    if key in experiment and experiment[key] not in ("", None):
+      parts.append(f"{key} {experiment[key]}")
+  if "arm" in experiment:
+    parts.append(report.ARM_TITLES.get(experiment["arm"], experiment["arm"]))
+  step = results.get("step")
+  return ", ".join(parts) + (f" (step {step})" if step is not None else "")
 
 
 def write_report(out_dir: str, results: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-  """report.md (summary, per subset / triplet / element, parse stages, detection) and a heatmap when it says
-  something."""
+  """report.md and its plots, read as the run's experiment defines it.
+
+  A run built around one target (a Table 3 arm, Fig. 4 / 5 / 6, Tables 10 / 13 / 5) is compared with the paper's
+  number for that experiment and arm, and its subsets are labelled by role (the target, held out); a multitask
+  or plain evaluation is read per subset as ID / OOD against Tables 1-2. Every run gets a bar plot of its
+  subsets (interval, chance, the paper's value); several triplets also get the modality x area heatmap.
+  """
+  title = run_title(results)
   if not results["overall"]["n"]:  # a detection-only evaluation: no accuracy tables
     sections = [("Detection (cIoU)", report.detection_table(results))]
-    report.write_report(fileio.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
+    report.write_report(fileio.join(out_dir, REPORT_FILE), title, sections, meta)
     return
-  sections = [("Summary", report.summary_table(results)),
-              ("Per subset", report.subset_table({"ours": [results]})),
-              ("Per triplet", _per_group_table(results["per_triplet"], "triplet"))]
+  experiment = report.experiment_of(results)
+  roles = report.subset_roles(experiment)
+  sections = [("Summary", report.summary_table(results, statuses=roles is None))]
+  comparison = report.comparison_table(results)
+  if comparison is not None:
+    sections.append(("Against the paper", comparison))
+  sections += [("Per subset", report.subset_table({"ours": [results]}, roles=roles, tables12=roles is None)),
+               ("Per triplet", _per_group_table(results["per_triplet"], "triplet"))]
   for element, groups in results["per_element"].items():
     sections.append((f"Per {element}", _per_group_table(groups, element)))
   stages = results["parse"]["stages"]
@@ -306,11 +335,14 @@ def write_report(out_dir: str, results: Mapping[str, Any], meta: Mapping[str, An
       ["stage", "n"], [[k, v] for k, v in stages.items()])))
   if results.get("detection"):
     sections.append(("Detection (cIoU)", report.detection_table(results)))
+  from medcg.eval import plots  # matplotlib only when a report is written
+  plots.plot_run(fileio.join(out_dir, BARS_FILE), results, title)
+  figures = f"![accuracy per subset]({BARS_FILE})"
   if len(results["per_triplet"]) >= 2:
-    from medcg.eval import plots  # matplotlib only when there is something to plot
-    plots.plot_heatmaps(fileio.join(out_dir, HEATMAP_FILE), results)
-    sections.append(("Modality x area", f"![accuracy by modality and area]({HEATMAP_FILE})"))
-  report.write_report(fileio.join(out_dir, REPORT_FILE), "medcg evaluation", sections, meta)
+    plots.plot_heatmaps(fileio.join(out_dir, HEATMAP_FILE), results, title)
+    figures += f"\n\n![accuracy by modality and area]({HEATMAP_FILE})"
+  sections.append(("Plots", figures + "\n\nEach plot is also written as .svg beside the .png."))
+  report.write_report(fileio.join(out_dir, REPORT_FILE), title, sections, meta)
 
 
 def _config_dict(config) -> Any:

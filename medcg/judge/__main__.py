@@ -1,4 +1,5 @@
-"""CLI: `python -m medcg.judge --config configs/judge.py[:args] [--config.x=...] [--no-cache]`.
+"""CLI: `python -m medcg.judge --config configs/judge.py[:args] [--config.x=...] [--no-cache]
+[--label_policy=last_line|strict]`.
 
 Writes judgements.jsonl, results.json and leaderboard.md into `config.workdir` (local or gs://); judgements
 are cached in `config.cache.path` (default `<workdir>/judge_cache.sqlite`; a local file, as SQLite needs), so
@@ -16,6 +17,9 @@ from medcg.judge import launch
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Judge config file (configs/judge.py).",
                                           lock_config=True)
 flags.DEFINE_bool("no-cache", False, "Send every judge call again instead of replaying cached judgements.")
+flags.DEFINE_string("label_policy", None, "How a reply with several label lines is read: 'last_line' (the last "
+                    "one wins) or 'strict' (different labels: unparsed). Default: config protocol.label_policy, "
+                    "else 'last_line'. Cached replies are re-read under it.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -23,7 +27,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value)
+    paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value,
+                              label_policy=flags.FLAGS.label_policy)
   except Exception as e:  # the user's to fix (a config key, a path, storage): the message, no traceback
     if not report(e, "error"):
       raise

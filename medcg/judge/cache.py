@@ -3,7 +3,9 @@
 The key is a SHA-256 over everything that can change a judgement (sample id, question, image bytes,
 both answers as shown, criteria, order, prompt template version, judge identity, decoding settings),
 so a cached reply is replayed only for exactly the same call. Only parsed judgements go in (a failure
-replayed from a cache would make retrying useless). Each `put` commits at once, so a killed run keeps
+replayed from a cache would make retrying useless). The label policy is not part of the key (it does not
+change what the judge is asked or replies): the runner re-parses the cached raw text under the run's
+policy, and the stored label only records what the writing run read. Each `put` commits at once, so a killed run keeps
 every judgement it finished; WAL mode lets readers and one writer share the file, and a lock makes a
 single `JudgeCache` safe to use from several threads.
 

@@ -1,11 +1,16 @@
 """Bootstrap online Elo over judged battles (MLLM-Bench `scripts/cal_clo.py` parameters).
 
 K=4, scale 400, base 10, initial rating 1000, tie = 0.5, 1000 bootstrap rounds with a seed, median
-rating reported (plus a 95 % interval). One difference, on purpose: MLLM-Bench expands each count file
-once per *ordered* model pair, so every battle enters twice; here each judged sample is one battle.
-Entering a battle twice counts its evidence twice (close to doubling K) and double-weights ties.
-Online Elo depends on battle order; each bootstrap round draws its battles (with replacement) in a
-random order, so the median does not depend on the order the battles were recorded in.
+rating reported (plus a 95 % interval here). What cal_clo.py does differently: it reads each pair's
+vote-count file into rows (model_a, model_b, outcome, count), one per outcome with a count > 0, for both
+ordered pairs (A, B) and (B, A), so each outcome is there twice (wins and ties alike); it drops the three
+"unable to decide" buckets (only "tie", opposite votes in the two orders, scores 0.5); and it applies
+one update of K * count per row instead of count updates of K, in one pass over the rows (file listing
+order for its final table, the resampled order per bootstrap round, which resamples rows, not battles),
+so a row's whole count moves the ratings at once and the result depends on the row order.
+Here each judged sample is one battle with one update of K, every unable bucket is a tie (0.5), and each
+bootstrap round draws single battles with replacement in a random order, so (up to the seeded draw) the
+median does not depend on the order the battles were recorded in.
 """
 from __future__ import annotations
 

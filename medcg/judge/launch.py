@@ -15,7 +15,7 @@ import ml_collections
 
 from medcg import fileio
 from medcg.judge import data as data_lib
-from medcg.judge import report, runner
+from medcg.judge import protocol, report, runner
 from medcg.judge.cache import JudgeCache, JudgeCacheError, check_local
 from medcg.judge.clients import HttpJudge
 from medcg.train import run_record  # git commit and package versions (no device is touched)
@@ -105,12 +105,24 @@ def cache_path_for(config: ml_collections.ConfigDict) -> str:
   return os.path.join(config.workdir, "judge_cache.sqlite")
 
 
-def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge=None) -> dict[str, str]:
+def label_policy_for(config: ml_collections.ConfigDict, override: str | None = None) -> str:
+  """The run's label policy: `override` (the --label_policy flag), else `protocol.label_policy`, else the
+  default ("last_line"); an unknown value is a ConfigError naming where it came from."""
+  if override is not None:
+    return protocol.check_label_policy(override, "--label_policy")
+  policy = config.protocol.get("label_policy", protocol.DEFAULT_LABEL_POLICY)
+  return protocol.check_label_policy(policy, "config protocol.label_policy")
+
+
+def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge=None,
+               label_policy: str | None = None) -> dict[str, str]:
   """Runs the judge evaluation of `config` and writes its outputs; returns their paths.
 
-  `judge` replaces the one the config describes (tests, or a judge built in a notebook).
+  `judge` replaces the one the config describes (tests, or a judge built in a notebook); `label_policy`
+  replaces `config.protocol.label_policy`.
   """
-  cache_path = cache_path_for(config)  # first: a bad cache path fails before anything loads
+  cache_path = cache_path_for(config)  # first: a bad cache path or label policy fails before anything loads
+  policy = label_policy_for(config, label_policy)
   samples, reader_skips = load_samples(config.data)
   reference, answers, models = load_all_answers(config.answers)
   judge = judge or make_judge(config.judge)
@@ -119,7 +131,8 @@ def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge
     out = runner.run_judging(samples, answers, reference, judge, cache, pairing=config.protocol.pairing,
                              require_criteria=config.data.require_criteria,
                              read_cache=read_cache and config.cache.read,
-                             elo_rounds=config.protocol.elo_rounds, elo_seed=config.protocol.elo_seed)
+                             elo_rounds=config.protocol.elo_rounds, elo_seed=config.protocol.elo_seed,
+                             label_policy=policy)
   out.skipped[:0] = reader_skips
   run = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": run_record.git_commit(),
          "packages": run_record.package_versions(), "argv": sys.argv}
@@ -129,6 +142,9 @@ def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge
   log.info("judged %d calls (%d cached, %d sent, %d unparsed, %d failed); %d skipped; wrote %s",
            s["calls"], s["cached"], s["sent"], s["unparsed"], s["failed_calls"], len(out.skipped),
            ", ".join(paths.values()))
+  if s["conflicting_label_replies"]:
+    log.info("%d replies had label lines that disagree (label_policy=%s)", s["conflicting_label_replies"],
+             s["label_policy"])
   if not s["calls"]:
     log.warning("nothing was judged: every sample was skipped (see the Skipped section of %s)",
                 paths["leaderboard.md"])

@@ -1,4 +1,4 @@
-"""MLLM-Bench pairwise protocol: strict vote parsing, the two-order combination rule, W/T/L metrics.
+"""MLLM-Bench pairwise protocol: whole-line vote parsing, the two-order combination rule, W/T/L metrics.
 
 Every sample of a (model, opponent) pair is judged twice (reference/evaluation.md §1.5):
   order 1 shows the opponent (the reference / anchor) as Answer1 and the model as Answer2,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 from typing import Iterable
 
+from medcg.errors import ConfigError
 from medcg.judge import prompts
 
 MODEL, OPPONENT = "model", "opponent"
@@ -22,17 +23,45 @@ VERDICTS = (WIN, LOSE, TIE, UNABLE_ONE, UNABLE_TWO, UNABLE_MIXED)
 ORDERS = (1, 2)
 _LOWER_LABELS = {label.lower(): label for label in prompts.LABELS}
 
+# How a reply with several label lines is read. The prompt asks for the vote alone on the last line, so
+# "last_line" (the default) takes the last label line, as a careful reader would; "strict" treats two
+# different label lines as unparsed. (MLLM-Bench's scripts/evaluate.py takes the first label *in label
+# order* - Answer1, Answer2, situation one, situation two - that occurs as a whole lowercased line.)
+LAST_LINE, STRICT = "last_line", "strict"
+LABEL_POLICIES = (LAST_LINE, STRICT)
+DEFAULT_LABEL_POLICY = LAST_LINE
 
-def parse_vote(text: str) -> str | None:
-  """The label of a judge reply, or None.
 
-  A label counts only as a whole line that, stripped and lowercased, equals one of the four labels
-  ("Answer1." or "**Answer1**" do not parse). MLLM-Bench takes the first label in label order when
-  several lines match; medcg is stricter and treats two different labels as unparsed.
+def check_label_policy(policy, key: str = "label_policy") -> str:
+  """`policy` if it is one of LABEL_POLICIES, else a ConfigError (a ValueError) naming `key`."""
+  if policy not in LABEL_POLICIES:
+    raise ConfigError(f"{key} must be one of {', '.join(repr(p) for p in LABEL_POLICIES)}, got {policy!r}")
+  return policy
+
+
+def label_lines(text: str) -> list[str]:
+  """The labels of the reply's label lines, in reply order.
+
+  A label line is a whole line that, stripped and lowercased, equals one of the four labels ("Answer1."
+  or "**Answer1**" are not label lines, as in MLLM-Bench).
   """
-  found = {_LOWER_LABELS[line.strip().lower()] for line in str(text).splitlines()
-           if line.strip().lower() in _LOWER_LABELS}
-  return found.pop() if len(found) == 1 else None
+  return [_LOWER_LABELS[key] for line in str(text).splitlines()
+          if (key := line.strip().lower()) in _LOWER_LABELS]
+
+
+def parse_vote(text: str, policy: str = DEFAULT_LABEL_POLICY) -> str | None:
+  """The label of a judge reply under `policy`, or None.
+
+  None when no line is a label line. "last_line": the last label line wins. "strict": all label lines
+  must be the same label, otherwise None. The same label twice is one vote under both policies.
+  """
+  check_label_policy(policy)
+  found = label_lines(text)
+  if not found:
+    return None
+  if policy == STRICT and len(set(found)) > 1:
+    return None
+  return found[-1]
 
 
 def shown_models(order: int, model: str, opponent: str) -> tuple[str, str]:

@@ -52,7 +52,9 @@ def leaderboard_markdown(out: RunOutput) -> str:
   s = out.stats
   lines += ["", f"Judge calls: {s['calls']} ({s['cached']} from cache, {s['sent']} sent); "
             f"unparsed replies: {s['unparsed']} of {s['replies']} "
-            f"({_pct(s['parse_failure_rate'])} %); failed calls: {s['failed_calls']}."]
+            f"({_pct(s['parse_failure_rate'])} %); failed calls: {s['failed_calls']}.",
+            "", f"Label policy `{s['label_policy']}`: {s['multi_label_replies']} replies had several label "
+            f"lines, {s['conflicting_label_replies']} of them with different labels."]
   if out.elo:
     lines += ["", "## Elo (bootstrap median, 95 % interval)", "", "| model | Elo | interval |", "|---|---:|---|"]
     lines += [f"| {m} | {e['elo']:.1f} | {e['lo']:.1f} - {e['hi']:.1f} |" for m, e in out.elo.items()]

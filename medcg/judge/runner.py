@@ -3,7 +3,9 @@
 Calls are planned for every (model, opponent) pair and sample, in both orders. A call whose key is in
 the cache is not sent again (that is what makes a crashed run resumable); each fresh reply that parses
 is cached the moment it arrives. Replies that fail or do not parse are kept in the records with their
-reason and are not cached, so the next run retries them.
+reason and are not cached, so the next run retries them. Replies are parsed under the run's label policy
+(protocol.parse_vote), cached ones too: the cache keeps the raw text, so switching the policy re-reads
+every cached reply instead of replaying the label an earlier run chose.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class _Call:
   raw: str | None = None
   label: str | None = None
   error: str | None = None
+  label_lines: list[str] = dataclasses.field(default_factory=list)  # labels of the reply's label lines
   cached: bool = False
   attempts: int = 0
 
@@ -78,13 +81,15 @@ def _check_samples(samples: Sequence[Sample], require_criteria: bool
 def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]], reference: str,
                 judge, cache: cache_lib.JudgeCache, pairing: str = "reference",
                 require_criteria: bool = True, read_cache: bool = True,
-                elo_rounds: int = 1000, elo_seed: int = 42) -> RunOutput:
+                elo_rounds: int = 1000, elo_seed: int = 42,
+                label_policy: str = protocol.DEFAULT_LABEL_POLICY) -> RunOutput:
   """Judges every candidate against its opponents on every usable sample, both orders.
 
   `answers` maps model id -> {sample id -> Answer} and must contain `reference`. `judge` is an
   HttpJudge or LocalJudge. With `read_cache=False` every call is sent again (fresh replies still
-  refresh the cache).
+  refresh the cache). `label_policy` is protocol.LABEL_POLICIES' "last_line" or "strict".
   """
+  protocol.check_label_policy(label_policy)
   if reference not in answers:
     raise ValueError(f"reference model {reference!r} has no answers (models: {sorted(answers)})")
   images, skipped = _check_samples(samples, require_criteria)
@@ -115,8 +120,9 @@ def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]]
   pending: dict[str, list[_Call]] = collections.defaultdict(list)  # equal keys are one call
   for c in calls:
     hit = cache.get(c.key) if read_cache else None
-    # Re-parse the cached text, so a stricter parser never replays a label it would now reject.
-    label = protocol.parse_vote(hit[0]) if hit else None
+    # Re-parse the cached text under this run's policy: the stored label is the one the writing run chose,
+    # so a stricter parser or policy never replays a label it would now reject.
+    label = protocol.parse_vote(hit[0], label_policy) if hit else None
     if label:
       c.raw, c.label, c.cached = hit[0], label, True
     else:
@@ -138,15 +144,18 @@ def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]]
         for c in pending[key]:
           c.error, c.attempts = reply.message, reply.attempts
       else:
-        label = protocol.parse_vote(reply)
+        label = protocol.parse_vote(reply, label_policy)
         if label is not None:
           cache.put(key, reply, label)
         for c in pending[key]:
           c.raw, c.label, c.attempts = reply, label, 1
           if label is None:
-            c.error = "unparsed: no single line equal to one of the labels " + repr(prompts.LABELS)
+            c.error = _unparsed_reason(reply, label_policy)
       bar.update(1)
 
+  for c in calls:
+    if c.raw is not None:
+      c.label_lines = protocol.label_lines(c.raw)
   records = _sample_records(calls)
   n_replies = sum(1 for c in calls if c.raw is not None)
   n_unparsed = sum(1 for c in calls if c.raw is not None and c.label is None)
@@ -155,11 +164,23 @@ def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]]
       "replies": n_replies, "unparsed": n_unparsed,
       "parse_failure_rate": n_unparsed / n_replies if n_replies else None,
       "failed_calls": sum(1 for c in calls if c.raw is None),
+      # Replies the label policy had to choose for: several label lines, and those among them that disagree
+      # (the only ones "last_line" and "strict" read differently).
+      "label_policy": label_policy,
+      "multi_label_replies": sum(1 for c in calls if len(c.label_lines) > 1),
+      "conflicting_label_replies": sum(1 for c in calls if len(set(c.label_lines)) > 1),
   }
   return RunOutput(records=records, metrics=protocol.aggregate(records),
                    elo=elo.bootstrap_elo(elo.battles_from_records(records), rounds=elo_rounds,
                                          seed=elo_seed),
                    skipped=skipped, stats=stats)
+
+
+def _unparsed_reason(reply: str, policy: str) -> str:
+  found = protocol.label_lines(reply)
+  if found:  # only "strict" rejects a reply with label lines: they disagree
+    return f"unparsed: label lines disagree ({', '.join(found)}) and label_policy is {policy!r}"
+  return "unparsed: no line equal to one of the labels " + repr(prompts.LABELS)
 
 
 def _sample_records(calls: Iterable[_Call]) -> list[dict]:
@@ -176,8 +197,8 @@ def _sample_records(calls: Iterable[_Call]) -> list[dict]:
         "sample_id": s.id, "model": model, "opponent": opponent, "level": s.level,
         "capability": s.capability, "question_type": s.question_type,
         "orders": [{"order": c.order, "answer1": c.answer1.model, "answer2": c.answer2.model,
-                    "raw": c.raw, "label": c.label, "error": c.error, "cached": c.cached,
-                    "attempts": c.attempts} for c in cs],
+                    "raw": c.raw, "label": c.label, "label_lines": c.label_lines, "error": c.error,
+                    "cached": c.cached, "attempts": c.attempts} for c in cs],
         "votes": votes, "verdict": verdict,
     })
   return records
