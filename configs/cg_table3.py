@@ -61,8 +61,9 @@ def get_sweep(arg=None):
 def collect(results):
   """Table 3 beside the paper: Baseline / Baseline+ / Trained with n and intervals, the CG test, a bar plot."""
   entries = common.cg_entries(results, "row", splits.table3_combination, paper.table3_row)
-  title = ("Table 3: CG rows " + ", ".join(str(e.paper_row.row) for e in entries if e.paper_row)
-           + f" ({common.runs_label(results)})")
+  rows = [str(e.paper_row.row) for e in entries if e.paper_row]
+  named = f"row {rows[0]}" if len(rows) == 1 else f"rows {', '.join(rows)}" if len(rows) <= 8 else f"{len(rows)} rows"
+  title = f"Table 3: CG {named} ({common.runs_label(results)})"
 
   def figure():
     from medcg.eval import plots  # matplotlib only when the plot is written

@@ -73,17 +73,33 @@ def _error_note(runs_per_point: int) -> str:
 # ------------------------------------------------------------------------------------------------------
 # Table 3 (and any Baseline / Baseline+ / Trained experiment): grouped bars per row.
 # ------------------------------------------------------------------------------------------------------
+ROWS_PER_PANEL = 11   # a 43-row Table 3 becomes four panels, not one 80-inch figure
+
+
 def cg_rows_figure(entries: Sequence[report.CGEntry], title: str):
-  """One group of three bars (Baseline, Baseline+, Trained) per CG row, paper values as diamonds."""
+  """One group of three bars (Baseline, Baseline+, Trained) per CG row, paper values as diamonds; more than
+  ROWS_PER_PANEL rows are drawn in stacked panels."""
   if not entries:
     raise ValueError("no CG rows to plot")
-  fig, ax = plt.subplots(figsize=(max(4.5, 1.9 * len(entries) + 1.5), 4.2))
+  panels = [entries[i:i + ROWS_PER_PANEL] for i in range(0, len(entries), ROWS_PER_PANEL)]
+  widest = max(len(p) for p in panels)
+  fig, axes = plt.subplots(len(panels), 1, figsize=(max(4.5, 1.9 * widest + 1.5), 4.2 * len(panels)),
+                           squeeze=False)
+  most_runs = max(len(e.runs(arm)) for e in entries for arm in report.ARMS)
+  for ax, panel in zip(axes[:, 0], panels):
+    _cg_rows_panel(ax, panel)
+  axes[0, 0].set_title(f"{title}\n{_error_note(most_runs)}; CG helps? = Trained vs Baseline+ (bootstrap)",
+                       fontsize=9)
+  axes[-1, 0].legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+  fig.tight_layout()
+  return fig
+
+
+def _cg_rows_panel(ax, entries: Sequence[report.CGEntry]) -> None:
   width = 0.26
   x = np.arange(len(entries))
-  most_runs = 1
   for k, arm in enumerate(report.ARMS):
     vals = [bar_stats(e.runs(arm)) for e in entries]
-    most_runs = max([most_runs] + [len(e.runs(arm)) for e in entries])
     ax.bar(x + (k - 1) * width, [v[0] for v in vals], width, yerr=[[v[1] for v in vals], [v[2] for v in vals]],
            capsize=3, color=ARM_COLOURS[arm], label=report.ARM_TITLES[arm], gid=f"ours/{arm}")
     field = "trained" if arm == "related" else arm  # rows that print no Baseline+ (Table 10) get no marker
@@ -106,12 +122,10 @@ def cg_rows_figure(entries: Sequence[report.CGEntry], title: str):
     labels.append(f"{row}\n{'+'.join(f'{s:02d}' for s in e.combo.train)} -> {t.id:02d}\n"
                   f"{_n_text(e.runs('related') or e.runs('baseline'))}")
   ax.set_xticks(x, labels, fontsize=8)
+  ax.set_xlim(-0.6, len(entries) - 0.4)
   ax.set_ylabel("target accuracy (%)")
   ax.set_ylim(0, 112)
-  ax.set_title(f"{title}\n{_error_note(most_runs)}; CG helps? = Trained vs Baseline+ (bootstrap)", fontsize=9)
-  ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
   ax.grid(axis="y", alpha=0.3)
-  return fig
 
 
 def plot_cg_rows(path: str | os.PathLike, entries: Sequence[report.CGEntry], title: str) -> Path:
