@@ -13,6 +13,13 @@ Run (HTTP judge; the key is read from the variable named by judge.api_key_env, n
     --config.data.path=med-mat-release/Aggregated_Subsets/Subset--05-train.json \\
     --config.judge.checkpoint=checkpoints/llava-1.5-13b-hf ...
 
+Naming the models: every answers entry is PATH or NAME=PATH (answers.reference too), e.g.
+`--config.answers.candidates=run_a=runs/a/eval/step_444/samples.jsonl,run_b=runs/b/eval/step_444/samples.jsonl`.
+A file's model name is, first that applies: its NAME=; the model id its records carry (`model`, `model_id`,
+`gen_model_id` or `name`; every record that has one must agree); the file name, or the folder for a
+`samples.jsonl` (step_444 above). Two files with one name are an error naming both; give them NAME= prefixes.
+An entry is NAME=PATH when the text before its first '=' has no '/' (write ./k=v/x.jsonl for such a path).
+
 Compare with MLLM-Bench V3 (anchor LLaVA-v1.5-13B, judge GPT-4-turbo): GPT-4o win rate 0.90,
 Claude-3 0.83, GPT-4V 0.70 (reference/evaluation.md §1.6). Rerunning the same command replays cached
 judgements (judge_cache.sqlite in the workdir) and only sends what is missing or failed; `--no-cache`
@@ -38,8 +45,8 @@ def get_config(arg=None):
   ))
 
   c.answers = ml_collections.ConfigDict(dict(
-      reference="",           # JSONL (or MLLM-Bench JSON list) of the reference / anchor model
-      candidates="",          # comma-separated answer files, one model per file
+      reference="",           # JSONL (or MLLM-Bench JSON list) of the reference / anchor model: PATH or NAME=PATH
+      candidates="",          # comma-separated answer files, one model per file, each PATH or NAME=PATH
   ))
 
   c.protocol = ml_collections.ConfigDict(dict(
@@ -49,6 +56,9 @@ def get_config(arg=None):
       # "last_line": the reply's last label line is its vote (the prompt asks for the vote on the last line);
       # "strict": two different label lines make the reply unparsed.
       label_policy="last_line",
+      # Above this fraction of unparsed judge replies the run warns (log and report) and quotes the first
+      # replies; a rate equal to it does not warn.
+      max_unparsed_rate=0.2,
   ))
 
   c.judge = ml_collections.ConfigDict(dict(

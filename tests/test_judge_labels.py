@@ -168,3 +168,55 @@ def test_a_bad_policy_fails_before_anything_runs(tmp_path):
   with pytest.raises(ValueError, match=r"--label_policy must be one of 'last_line', 'strict', got 'Strict'"):
     launch.run_config(_config(tmp_path), judge=_judge(fn), label_policy="Strict")
   assert fn.asked == [] and not (tmp_path / "results.json").exists()
+
+
+# --- the unparsed-rate warning -------------------------------------------------------------------
+
+GARBAGE = "I think the first one is good but also the second one. " * 6  # 336 characters, no label line
+
+
+def test_a_judge_that_mostly_fails_to_vote_is_warned_about(tmp_path, caplog):
+  # Samples 0-5 get garbage in both orders: 12 of 14 replies unparsed; sample 6 votes.
+  replies = {str(i): GARBAGE if i % 2 else f"garbage {i}" for i in range(6)}
+  with caplog.at_level("WARNING"):
+    launch.run_config(_config(tmp_path), judge=_judge(LabelJudge(replies)))
+  results = _results(tmp_path)
+  (warning,) = results["warnings"]
+  assert ("judge local:label-judge left 12 of 14 replies unparsed (85.7 %, above protocol.max_unparsed_rate=0.2)"
+          in warning)
+  # The first three unparsed replies in plan order (samples 0, 0, 1), quoted on one line, long ones cut at 200.
+  assert 'First unparsed replies: "garbage 0"; "garbage 0"; "' + GARBAGE[:200] + '..."' in warning
+  assert results["stats"]["unparsed_examples"] == ["garbage 0", "garbage 0", GARBAGE[:200] + "..."]
+  assert results["stats"]["max_unparsed_rate"] == 0.2
+  board = (tmp_path / "leaderboard.md").read_text()
+  assert board.index("**Warning:** " + warning) < board.index("| rank |")
+  logged = [r.getMessage() for r in caplog.records if "max_unparsed_rate" in r.getMessage()]
+  assert logged == [warning]  # once, at the end
+  assert caplog.records[-1].getMessage() == warning
+
+
+def test_a_well_behaved_judge_and_the_threshold_itself_do_not_warn(tmp_path, caplog):
+  with caplog.at_level("WARNING"):
+    launch.run_config(_config(tmp_path / "good"), judge=_judge(LabelJudge()))
+  assert _results(tmp_path / "good")["warnings"] == []
+  assert "**Warning:**" not in (tmp_path / "good" / "leaderboard.md").read_text()
+  assert not any("max_unparsed_rate" in r.getMessage() for r in caplog.records)
+  # Sample 0 unparsed in both orders: 2 of 14. A threshold of exactly that rate does not warn, just below does.
+  one_bad = {"0": "no idea"}
+  launch.run_config(_config(tmp_path / "at", max_unparsed_rate=2 / 14), judge=_judge(LabelJudge(one_bad)))
+  assert _results(tmp_path / "at")["warnings"] == []
+  launch.run_config(_config(tmp_path / "below", max_unparsed_rate=0.14), judge=_judge(LabelJudge(one_bad)))
+  (warning,) = _results(tmp_path / "below")["warnings"]
+  assert "2 of 14 replies unparsed (14.3 %, above protocol.max_unparsed_rate=0.14)" in warning
+  assert '"no idea"' in warning
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_a_bad_max_unparsed_rate_is_a_config_error(tmp_path, bad):
+  fn = LabelJudge()
+  with pytest.raises(ConfigError, match=r"config protocol.max_unparsed_rate must be a number from 0 to 1, got"):
+    launch.run_config(_config(tmp_path, max_unparsed_rate=bad), judge=_judge(fn))
+  assert fn.asked == [] and not (tmp_path / "results.json").exists()
+  for wrong in ("0.2", True, None):  # config files are typed; a direct runner call is not
+    with pytest.raises(ConfigError, match="max_unparsed_rate must be a number"):
+      runner.check_max_unparsed_rate(wrong)

@@ -9,7 +9,6 @@ import pytest
 
 from medcg.judge import launch, prompts
 from medcg.judge.clients import LocalJudge
-from medcg.judge.data import JudgeDataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "data", "judge")
@@ -128,7 +127,8 @@ def test_judging_without_criteria_when_allowed(tmp_path):
 
 def test_duplicate_models_and_missing_reference_are_errors(tmp_path):
   cfg = _config(tmp_path, candidates=("answers_a.jsonl", "answers_a.jsonl"))
-  with pytest.raises(JudgeDataError, match="model id 'cand-a' is also the model of"):
+  with pytest.raises(launch.AnswerNameClash, match="answers_a.jsonl is listed twice, so both entries have the "
+                                                   "model name 'cand-a'; give each its own name with NAME=PATH"):
     launch.run_config(cfg, judge=_judge())
   cfg = _config(tmp_path, candidates=())
   with pytest.raises(ValueError, match="answers.candidates is empty"):
@@ -197,6 +197,9 @@ def test_local_medcg_vlm_judge_end_to_end(tmp_path):
   assert all(isinstance(t, str) for t in raws)
   # A random model rarely writes a label line; whatever it wrote went through the strict parser.
   assert results["stats"]["unparsed"] == sum(protocol.parse_vote(t) is None for t in raws)
+  # ... and a judge that mostly does not vote is warned about, with what it said.
+  rate = results["stats"]["parse_failure_rate"]
+  assert len(results["warnings"]) == (rate > 0.2) and all("First unparsed replies" in w for w in results["warnings"])
 
   # Other weights are another judge: the identity (a cache-key field) changes.
   model = judge.generate_fn.model

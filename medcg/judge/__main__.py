@@ -4,6 +4,16 @@
 Writes judgements.jsonl, results.json and leaderboard.md into `config.workdir` (local or gs://); judgements
 are cached in `config.cache.path` (default `<workdir>/judge_cache.sqlite`; a local file, as SQLite needs), so
 rerunning after a crash only sends what is missing.
+
+Answer files are named (in the leaderboard and results.json) by, first that applies:
+NAME=PATH in config answers.reference / answers.candidates; the model id every record carrying one agrees on
+(`model`, `model_id`, `gen_model_id`, `name`); the file name, or the folder of a `samples.jsonl`. Two files
+with one name are an error; name them apart:
+
+  --config.answers.candidates=run_a=runs/a/eval/step_444/samples.jsonl,run_b=runs/b/eval/step_444/samples.jsonl
+
+A judge leaving more than config protocol.max_unparsed_rate (default 0.2) of its replies unparsed is warned
+about at the end (and in leaderboard.md / results.json), with its first replies.
 """
 import sys
 
@@ -14,8 +24,11 @@ from medcg import fileio
 from medcg.errors import report
 from medcg.judge import launch
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Judge config file (configs/judge.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Judge config file (configs/judge.py). Answer files: --config.answers.reference and "
+    "--config.answers.candidates (comma-separated), each entry PATH or NAME=PATH; a file's model name is its "
+    "NAME=, else its records' model id (model / model_id / gen_model_id / name), else its file or folder name.",
+    lock_config=True)
 flags.DEFINE_bool("no-cache", False, "Send every judge call again instead of replaying cached judgements.")
 flags.DEFINE_string("label_policy", None, "How a reply with several label lines is read: 'last_line' (the last "
                     "one wins) or 'strict' (different labels: unparsed). Default: config protocol.label_policy, "

@@ -9,9 +9,10 @@ Two sample sources share one `Sample` record:
 
 Answers of any model are JSONL (or an MLLM-Bench JSON list) keyed by sample id. Problems that concern
 a whole file (unreadable JSON, duplicate ids, mixed model ids) raise `JudgeDataError` naming the file
-and record; problems of one sample (no answer, no criteria, unreadable image) become `Skip` entries
-that the report lists, so nothing is dropped silently. Every file (questions, criteria, answers, images)
-may be local or gs:// (`medcg.fileio`); Med-MAT release files are read by `medcg.data.medmat`.
+and record (a UserError: command lines print it as one line); problems of one sample (no answer, no
+criteria, unreadable image) become `Skip` entries that the report lists, so nothing is dropped silently.
+Every file (questions, criteria, answers, images) may be local or gs:// (`medcg.fileio`); Med-MAT release
+files are read by `medcg.data.medmat`.
 """
 from __future__ import annotations
 
@@ -26,16 +27,20 @@ from PIL import Image
 
 from medcg import fileio
 from medcg.data import medmat
+from medcg.errors import UserError
 
 # Label spellings seen in MLLM-Bench's questions.json, mapped to one form before grouping.
 _LABEL_TYPOS = {"comparision": "Comparison", "recognization": "Recognition"}
 
 
+# Record fields that name the answering model, first present wins (MLLM-Bench's answer files: gen_model_id).
+MODEL_ID_FIELDS = ("model", "model_id", "gen_model_id", "name")
+
 # MLLM-Bench's question types; the prompt's "unable to decide" situation one applies to close-ended ones.
 QUESTION_TYPES = ("open-ended", "close-ended", "compound")
 
 
-class JudgeDataError(ValueError):
+class JudgeDataError(UserError, ValueError):
   """A judge input file is malformed; the message names the file and the record."""
 
 
@@ -235,14 +240,26 @@ def _first(rec: dict, keys: tuple[str, ...]):
   return None
 
 
-def load_answers(path: str, model: str | None = None) -> tuple[str, dict[str, Answer]]:
+@dataclasses.dataclass(frozen=True)
+class AnswerFile:
+  """One model's answers and where its name came from (`name_from`: "NAME=PATH", the records' field, or
+  "folder" / "file name")."""
+  path: str
+  name: str
+  name_from: str
+  answers: dict[str, Answer]
+
+
+def read_answers(path: str, name: str | None = None) -> AnswerFile:
   """Reads one model's answers: JSONL lines (or an MLLM-Bench JSON list) keyed by sample id.
 
-  Accepted field names: `sample_id` | `unique_idx` | `id`, `answer`, `model` | `model_id` |
-  `gen_model_id`, `decoding` | `gen_kwargs`. A record with an `output` field (medcg's evaluation
-  `samples.jsonl`, where `answer` is the ground truth) is judged on its `output`. `model` overrides the
-  id in the file; one file must hold one model; files without a model id are named after the file
-  (after its folder for `samples.jsonl`). Returns (model id, {sample id: Answer}).
+  Accepted field names: `sample_id` | `unique_idx` | `id`, `answer`, a model id (MODEL_ID_FIELDS: `model` |
+  `model_id` | `gen_model_id` | `name`), `decoding` | `gen_kwargs`. A record with an `output` field (medcg's
+  evaluation `samples.jsonl`, where `answer` is the ground truth) is judged on its `output`.
+
+  The model's name, first that applies: `name` (from NAME=PATH); the records' model id, when every record
+  that carries one names the same model (several: an error, unless `name` is given); the file name without
+  its extension, or the folder for `samples.jsonl` (medcg's evaluation output, e.g. `step_444`).
   """
   if path.endswith(".jsonl"):
     records = _iter_jsonl(path)
@@ -251,7 +268,7 @@ def load_answers(path: str, model: str | None = None) -> tuple[str, dict[str, An
     if not isinstance(data, list):
       raise JudgeDataError(f"{path}: expected a JSON list of answers (or a .jsonl file)")
     records = ((f"record {i}", r) for i, r in enumerate(data))
-  answers, file_models = {}, set()
+  answers, file_models = {}, {}  # model id -> the field it was read from
   for where, rec in records:
     if not isinstance(rec, dict):
       raise JudgeDataError(f"{path}: {where}: expected an object")
@@ -264,20 +281,33 @@ def load_answers(path: str, model: str | None = None) -> tuple[str, dict[str, An
     sid = str(sid)
     if sid in answers:
       raise JudgeDataError(f"{path}: {where}: duplicate sample id {sid!r}")
-    rec_model = _first(rec, ("model", "model_id", "gen_model_id"))
-    if rec_model is not None:
-      file_models.add(str(rec_model))
+    field = next((k for k in MODEL_ID_FIELDS if k in rec), None)
+    if field is not None:
+      file_models.setdefault(str(rec[field]), field)
     decoding = _first(rec, ("decoding", "gen_kwargs")) or {}
     if not isinstance(decoding, dict):
       raise JudgeDataError(f"{path}: {where}: decoding settings must be an object")
     answers[sid] = Answer(sample_id=sid, model="", text=text, decoding=decoding)
-  if len(file_models) > 1 and model is None:
-    raise JudgeDataError(f"{path}: answers from several models {sorted(file_models)}; use one file per model")
-  stem = os.path.splitext(os.path.basename(path))[0]
-  if stem == "samples":  # medcg evaluation output: the run folder names the model
-    stem = os.path.basename(_parent(path))
-  name = model or (file_models.pop() if file_models else stem)
-  return name, {k: dataclasses.replace(a, model=name) for k, a in answers.items()}
+  if name:
+    name_from = "NAME=PATH"
+  elif len(file_models) > 1:
+    raise JudgeDataError(f"{path}: answers from several models {sorted(file_models)}; use one file per model "
+                         "(or name the whole file with NAME=PATH)")
+  elif file_models:
+    (name, field), = file_models.items()
+    name_from = f"records' {field!r} field"
+  else:
+    name, name_from = os.path.splitext(os.path.basename(path))[0], "file name"
+    if name == "samples":  # medcg evaluation output: the run folder names the model
+      name, name_from = os.path.basename(_parent(path)), "folder"
+  return AnswerFile(path=path, name=name, name_from=name_from,
+                    answers={k: dataclasses.replace(a, model=name) for k, a in answers.items()})
+
+
+def load_answers(path: str, model: str | None = None) -> tuple[str, dict[str, Answer]]:
+  """(model name, {sample id: Answer}) of `read_answers(path, model)`."""
+  f = read_answers(path, model)
+  return f.name, f.answers
 
 
 def load_image(path: str) -> LoadedImage:

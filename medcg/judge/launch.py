@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from medcg import fileio
+from medcg.errors import ConfigError
 from medcg.judge import data as data_lib
 from medcg.judge import protocol, report, runner
 from medcg.judge.cache import JudgeCache, JudgeCacheError, check_local
@@ -56,27 +57,77 @@ def load_samples(cfg: ml_collections.ConfigDict) -> tuple[list[data_lib.Sample],
   return samples, skips
 
 
+class AnswerNameClash(ConfigError):
+  """Two answer files resolve to the same model name (their judgements would be merged)."""
+
+
+def answer_specs(value: Any, key: str) -> list[tuple[str | None, str]]:
+  """(name or None, path) per entry of a comma-separated `NAME=PATH` / `PATH` list (config `key`).
+
+  An entry is NAME=PATH when the text before its first '=' has no '/' (so `runs/lr=1e-4/x.jsonl` and
+  `gs://b/k=v/x.jsonl` stay paths); write `./lr=1e-4/x.jsonl` for a relative path whose first folder has '='.
+  """
+  out = []
+  for entry in _paths(value):
+    head, sep, tail = entry.partition("=")
+    if not sep or "/" in head:
+      out.append((None, entry))
+      continue
+    name, path = head.strip(), tail.strip()
+    if not name or not path:
+      raise ConfigError(f"config {key}: entry {entry!r} must be PATH or NAME=PATH, with both parts non-empty")
+    out.append((name, path))
+  return out
+
+
+def _read_answer_file(name: str | None, path: str, key: str) -> data_lib.AnswerFile:
+  if name and not fileio.exists(path):  # say how the entry was read: `lr=1e-4/x.jsonl` is NAME=PATH
+    raise data_lib.JudgeDataError(
+        f"{path}: file not found (config {key} entry {name}={path} read as NAME=PATH, name {name!r}; for a "
+        f"path whose first folder has '=', write ./{name}={path})")
+  return data_lib.read_answers(path, name)
+
+
+def _clash(first: data_lib.AnswerFile, second: data_lib.AnswerFile) -> AnswerNameClash:
+  if first.path == second.path:
+    where = f"answer file {first.path} is listed twice, so both entries have"
+  else:
+    where = f"answer files {first.path} ({first.name_from}) and {second.path} ({second.name_from}) both have"
+  return AnswerNameClash(
+      f"{where} the model name {first.name!r}; give each its own name with NAME=PATH in config "
+      f"answers.reference / answers.candidates, e.g. --config.answers.candidates=run_a={first.path},"
+      f"run_b={second.path}")
+
+
 def load_all_answers(cfg: ml_collections.ConfigDict
                      ) -> tuple[str, dict[str, dict[str, data_lib.Answer]], dict[str, dict]]:
-  """(reference model id, {model id: {sample id: Answer}}, {model id: file and decoding settings})."""
-  if not cfg.reference:
-    raise ValueError("config answers.reference is empty: give the reference model's answer file")
-  answers, source = {}, {}
-  reference = None
-  for path in [cfg.reference] + _paths(cfg.candidates):
-    model, by_id = data_lib.load_answers(path)
-    if model in answers:
-      raise data_lib.JudgeDataError(f"{path}: model id {model!r} is also the model of {source[model]}")
-    answers[model], source[model] = by_id, path
-    reference = reference or model
-  if len(answers) < 2:
-    raise ValueError("config answers.candidates is empty: nothing to compare with the reference")
+  """(reference model name, {model name: {sample id: Answer}}, {model name: file, name source, decoding}).
+
+  Names: NAME=PATH first, then the records' model id, then the file or folder name (data.read_answers);
+  two files with one name are an AnswerNameClash naming both.
+  """
+  refs = answer_specs(cfg.reference, "answers.reference")
+  if not refs:
+    raise ConfigError("config answers.reference is empty: give the reference model's answer file")
+  if len(refs) > 1:
+    raise ConfigError(f"config answers.reference: one answer file (PATH or NAME=PATH), got {cfg.reference!r}")
+  files: dict[str, data_lib.AnswerFile] = {}
+  for key, specs in (("answers.reference", refs), ("answers.candidates", answer_specs(cfg.candidates,
+                                                                                      "answers.candidates"))):
+    for name, path in specs:
+      f = _read_answer_file(name, path, key)
+      if f.name in files:
+        raise _clash(files[f.name], f)
+      files[f.name] = f
+  if len(files) < 2:
+    raise ConfigError("config answers.candidates is empty: nothing to compare with the reference")
   info = {}
-  for model, by_id in answers.items():
-    settings = {json.dumps(a.decoding, sort_keys=True) for a in by_id.values()}
-    info[model] = {"answers": source[model], "n_answers": len(by_id),
+  for model, f in files.items():
+    settings = {json.dumps(a.decoding, sort_keys=True) for a in f.answers.values()}
+    info[model] = {"answers": f.path, "name_from": f.name_from, "n_answers": len(f.answers),
                    "decoding": [json.loads(d) for d in sorted(settings)]}
-  return reference, answers, info
+  reference = next(iter(files))
+  return reference, {m: f.answers for m, f in files.items()}, info
 
 
 def make_judge(cfg: ml_collections.ConfigDict):
@@ -114,6 +165,12 @@ def label_policy_for(config: ml_collections.ConfigDict, override: str | None = N
   return protocol.check_label_policy(policy, "config protocol.label_policy")
 
 
+def max_unparsed_rate_for(config: ml_collections.ConfigDict) -> float:
+  """`protocol.max_unparsed_rate` (runner's default where an older config lacks it), checked."""
+  rate = config.protocol.get("max_unparsed_rate", runner.DEFAULT_MAX_UNPARSED_RATE)
+  return runner.check_max_unparsed_rate(rate, "config protocol.max_unparsed_rate")
+
+
 def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge=None,
                label_policy: str | None = None) -> dict[str, str]:
   """Runs the judge evaluation of `config` and writes its outputs; returns their paths.
@@ -123,6 +180,7 @@ def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge
   """
   cache_path = cache_path_for(config)  # first: a bad cache path or label policy fails before anything loads
   policy = label_policy_for(config, label_policy)
+  max_unparsed = max_unparsed_rate_for(config)
   samples, reader_skips = load_samples(config.data)
   reference, answers, models = load_all_answers(config.answers)
   judge = judge or make_judge(config.judge)
@@ -132,7 +190,7 @@ def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge
                              require_criteria=config.data.require_criteria,
                              read_cache=read_cache and config.cache.read,
                              elo_rounds=config.protocol.elo_rounds, elo_seed=config.protocol.elo_seed,
-                             label_policy=policy)
+                             label_policy=policy, max_unparsed_rate=max_unparsed)
   out.skipped[:0] = reader_skips
   run = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": run_record.git_commit(),
          "packages": run_record.package_versions(), "argv": sys.argv}
@@ -151,4 +209,6 @@ def run_config(config: ml_collections.ConfigDict, read_cache: bool = True, judge
   if s["failed_calls"] or s["unparsed"]:
     log.warning("%d judge calls failed and %d replies did not parse; rerun the same command to retry "
                 "only those (parsed judgements are cached)", s["failed_calls"], s["unparsed"])
+  for warning in out.warnings:  # last, so it is what the user reads (also in the report)
+    log.warning("%s", warning)
   return paths

@@ -21,6 +21,7 @@ def results_dict(out: RunOutput, judge_identity: str, judge_decoding: dict, conf
       "judge": {"identity": judge_identity, "decoding": judge_decoding},
       "reference": reference,
       "models": models or {},
+      "warnings": out.warnings,
       "stats": out.stats,
       "leaderboard": out.metrics,
       "elo": out.elo,
@@ -45,6 +46,8 @@ def leaderboard_markdown(out: RunOutput) -> str:
            "tie = tie + every 'unable to decide' bucket; consistency = same vote in both orders.", "",
            "| rank | model | vs | win | tie | lose | win rate % | consistency % | judged | incomplete |",
            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  if out.warnings:  # before the table: a judge that mostly failed to vote makes it unreliable
+    lines[2:2] = [line for w in out.warnings for line in (f"**Warning:** {w}", "")]
   for i, m in enumerate(metrics, 1):
     lines.append(f"| {i} | {m['model']} | {m['opponent']} | {m['win']} | {m['tie']} | {m['lose']} | "
                  f"{_pct(m['win_rate'])} | {_pct(m['position_consistency'])} | {m['n_judged']} | "

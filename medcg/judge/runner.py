@@ -5,17 +5,21 @@ the cache is not sent again (that is what makes a crashed run resumable); each f
 is cached the moment it arrives. Replies that fail or do not parse are kept in the records with their
 reason and are not cached, so the next run retries them. Replies are parsed under the run's label policy
 (protocol.parse_vote), cached ones too: the cache keeps the raw text, so switching the policy re-reads
-every cached reply instead of replaying the label an earlier run chose.
+every cached reply instead of replaying the label an earlier run chose. A judge that leaves more than
+`max_unparsed_rate` of its replies unparsed gets a warning in the output, quoting what it said: a
+leaderboard built on its few parsed votes would otherwise look as sound as any other.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from medcg.errors import ConfigError
 from medcg.judge import cache as cache_lib
 from medcg.judge import elo, prompts, protocol
 from medcg.judge.clients import JudgeFailure, JudgeRequest
@@ -48,6 +52,35 @@ class RunOutput:
   elo: dict
   skipped: list[Skip]
   stats: dict
+  warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+DEFAULT_MAX_UNPARSED_RATE = 0.2
+_EXAMPLES, _EXAMPLE_CHARS = 3, 200  # raw replies quoted in the unparsed-rate warning
+
+
+def check_max_unparsed_rate(rate, key: str = "max_unparsed_rate") -> float:
+  """`rate` as a float in [0, 1], else a ConfigError naming `key`."""
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+    raise ConfigError(f"{key} must be a number from 0 to 1, got {rate!r}")
+  return float(rate)
+
+
+def _cut(text: str) -> str:
+  return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
+
+
+def unparsed_warning(stats: dict, judge_identity: str, max_rate: float) -> str | None:
+  """The warning for a judge whose unparsed rate is above `max_rate` (equal is fine), else None."""
+  rate = stats["parse_failure_rate"]
+  if rate is None or rate <= max_rate:
+    return None
+  examples = "; ".join(json.dumps(t, ensure_ascii=False) for t in stats["unparsed_examples"])  # one line each
+  labels = " / ".join(repr(label) for label in prompts.LABELS)
+  return (f"judge {judge_identity} left {stats['unparsed']} of {stats['replies']} replies unparsed "
+          f"({100 * rate:.1f} %, above protocol.max_unparsed_rate={max_rate:g}): the leaderboard counts only "
+          f"the replies that parsed. A reply parses when a whole line is one of {labels}; check the judge "
+          f"model and its max_new_tokens / max_tokens. First unparsed replies: {examples}")
 
 
 def model_pairs(models: Sequence[str], reference: str, pairing: str) -> list[tuple[str, str]]:
@@ -82,14 +115,17 @@ def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]]
                 judge, cache: cache_lib.JudgeCache, pairing: str = "reference",
                 require_criteria: bool = True, read_cache: bool = True,
                 elo_rounds: int = 1000, elo_seed: int = 42,
-                label_policy: str = protocol.DEFAULT_LABEL_POLICY) -> RunOutput:
+                label_policy: str = protocol.DEFAULT_LABEL_POLICY,
+                max_unparsed_rate: float = DEFAULT_MAX_UNPARSED_RATE) -> RunOutput:
   """Judges every candidate against its opponents on every usable sample, both orders.
 
   `answers` maps model id -> {sample id -> Answer} and must contain `reference`. `judge` is an
   HttpJudge or LocalJudge. With `read_cache=False` every call is sent again (fresh replies still
-  refresh the cache). `label_policy` is protocol.LABEL_POLICIES' "last_line" or "strict".
+  refresh the cache). `label_policy` is protocol.LABEL_POLICIES' "last_line" or "strict". Above
+  `max_unparsed_rate` unparsed replies the output carries a warning (unparsed_warning).
   """
   protocol.check_label_policy(label_policy)
+  check_max_unparsed_rate(max_unparsed_rate)
   if reference not in answers:
     raise ValueError(f"reference model {reference!r} has no answers (models: {sorted(answers)})")
   images, skipped = _check_samples(samples, require_criteria)
@@ -158,7 +194,8 @@ def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]]
       c.label_lines = protocol.label_lines(c.raw)
   records = _sample_records(calls)
   n_replies = sum(1 for c in calls if c.raw is not None)
-  n_unparsed = sum(1 for c in calls if c.raw is not None and c.label is None)
+  unparsed = [c for c in calls if c.raw is not None and c.label is None]
+  n_unparsed = len(unparsed)
   stats = {
       "calls": len(calls), "cached": sum(c.cached for c in calls), "sent": len(keys),
       "replies": n_replies, "unparsed": n_unparsed,
@@ -169,11 +206,14 @@ def run_judging(samples: Sequence[Sample], answers: dict[str, dict[str, Answer]]
       "label_policy": label_policy,
       "multi_label_replies": sum(1 for c in calls if len(c.label_lines) > 1),
       "conflicting_label_replies": sum(1 for c in calls if len(set(c.label_lines)) > 1),
+      "max_unparsed_rate": max_unparsed_rate,
+      "unparsed_examples": [_cut(c.raw) for c in unparsed[:_EXAMPLES]],
   }
+  warning = unparsed_warning(stats, judge.identity, max_unparsed_rate)
   return RunOutput(records=records, metrics=protocol.aggregate(records),
                    elo=elo.bootstrap_elo(elo.battles_from_records(records), rounds=elo_rounds,
                                          seed=elo_seed),
-                   skipped=skipped, stats=stats)
+                   skipped=skipped, stats=stats, warnings=[warning] if warning else [])
 
 
 def _unparsed_reason(reply: str, policy: str) -> str:
