@@ -389,8 +389,8 @@ def runs_label(results: Mapping[str, Any]) -> str:
 
 
 def synth_chance(subset: int) -> float | None:
-  """Chance on a SynthMAT subset: every question offers min(4, labels) options (`medcg.data.synthetic`)."""
-  from medcg.data import synth_spec
+  """Chance on a SynthMAT subset: every question offers min(4, labels) options (`medcg.data.synth`)."""
+  from medcg.data.synth import spec as synth_spec
   labels = synth_spec.LABELS.get(subset)
   return None if not labels else 1.0 / min(len(labels), len(prompt.LETTERS))
 

@@ -72,7 +72,7 @@ from rich.table import Table
 
 from configs import models
 from medcg import fileio
-from medcg.kernels import trim as trim_lib
+from medcg.kernels import trim_common
 from medcg.model import vlm as vlm_lib
 from medcg.train import mfu as mfu_lib
 from medcg.train import optimizer as opt_lib
@@ -107,7 +107,7 @@ def trim_config(mode: str, num_patches: int) -> ml_collections.ConfigDict | None
     return ml_collections.ConfigDict(dict(enabled=True, mode="iqr_example", k_max=max(1, num_patches // 2),
                                           ratio=None, impl="auto"))
   if mode == "ratio":
-    k = trim_lib.static_ratio_k(num_patches, TRIM_RATIO)
+    k = trim_common.static_ratio_k(num_patches, TRIM_RATIO)
     return ml_collections.ConfigDict(dict(enabled=True, mode="ratio", k_max=k, ratio=TRIM_RATIO, impl="auto"))
   raise ValueError(f"--trim: unknown mode {mode!r}; choose from {', '.join(TRIM_MODES)}")
 
@@ -553,10 +553,10 @@ LOOP_WARMUP_WINDOWS = 2   # log windows not timed: the first step (compilation) 
 
 def build_shards(root: str) -> str:
   """Small SynthMAT shards (subsets 05 and 28, 32 px, ArrayRecord) for the loop benchmark; returns their dir."""
-  from medcg.data import synthetic
+  from medcg.data import synth
   from medcg.data.__main__ import main as data_main
-  synthetic.write_synthmat(os.path.join(root, "raw"), image_size=32, per_subset=24, test_per_subset=4, seed=0,
-                           subsets=[5, 28], progress=False)
+  synth.write_synthmat(os.path.join(root, "raw"), image_size=32, per_subset=24, test_per_subset=4, seed=0,
+                       subsets=[5, 28], progress=False)
   out = os.path.join(root, "shards")
   data_main(["convert", "--src", os.path.join(root, "raw"), "--out", out, "--image-size", "32",
              "--format", "array_record", "--no-progress"])

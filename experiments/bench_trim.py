@@ -47,6 +47,7 @@ import optax
 from experiments import benchlib
 from medcg import fileio
 from medcg.kernels import trim as trim_lib
+from medcg.kernels import trim_common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes for part (a).")
@@ -54,9 +55,9 @@ flags.DEFINE_integer("n", None, "Tokens per image (default 576; CPU 144).")
 flags.DEFINE_integer("d", None, "Feature width of hidden (default 1024; CPU 128).")
 flags.DEFINE_integer("e", None, "CLIP projection width (default 768; CPU 64).")
 flags.DEFINE_integer("k_max", None, "TRIM capacity in part (a) (default 256; CPU N/2).")
-flags.DEFINE_list("modes", list(trim_lib.MODES), "TRIM modes for part (a) (default all three).")
-flags.register_validator("modes", lambda v: bool(v) and set(v) <= set(trim_lib.MODES),
-                         f"--modes: a comma list of {', '.join(trim_lib.MODES)}")
+flags.DEFINE_list("modes", list(trim_common.MODES), "TRIM modes for part (a) (default all three).")
+flags.register_validator("modes", lambda v: bool(v) and set(v) <= set(trim_common.MODES),
+                         f"--modes: a comma list of {', '.join(trim_common.MODES)}")
 flags.DEFINE_float("ratio", 0.21, "Keep ratio for mode=ratio (also part (b)'s ratio rows).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of hidden in part (a).")
 flags.DEFINE_integer("reps", 20, "Timed calls per row (median reported); CPU uses 3.")
@@ -78,7 +79,7 @@ H100_HBM_BYTES_PER_S = 3.35e12
 TARGET_KERNEL_SPEEDUP = 1.5
 TARGET_PREFILL_SPEEDUP = 2.5
 TARGET_FLOP_FRACTION = 0.9
-MODES_INDEX = {m: i for i, m in enumerate(trim_lib.MODES)}
+MODES_INDEX = {m: i for i, m in enumerate(trim_common.MODES)}
 # tests/test_trim.py's kernel-vs-XLA tolerances (float32 hidden; bfloat16 hidden) and draw margin.
 CHECK_TOL = {"float32": 1e-6, "bfloat16": 1e-2}
 CHECK_MARGIN = 1e-4
@@ -140,14 +141,14 @@ def draw(rng: np.random.Generator, b: int, n: int, d: int, e: int, k_max: int, m
     p /= p.sum(axis=1, keepdims=True)
     ub = None
     if mode == "ratio":
-      k = np.full(b, trim_lib.static_ratio_k(n, ratio))
+      k = np.full(b, trim_common.static_ratio_k(n, ratio))
     elif mode == "iqr_batch":
       q1, q3 = np.percentile(p, [25.0, 75.0])
-      ub = np.full(b, q3 + trim_lib.IQR_FACTOR * (q3 - q1))
+      ub = np.full(b, q3 + trim_common.IQR_FACTOR * (q3 - q1))
       k = np.full(b, int(np.sum(p > ub[0])) // b)
     else:
       q1, q3 = np.percentile(p, [25.0, 75.0], axis=1)
-      ub = q3 + trim_lib.IQR_FACTOR * (q3 - q1)
+      ub = q3 + trim_common.IQR_FACTOR * (q3 - q1)
       k = np.sum(p > ub[:, None], axis=1)
     if _separated(p, ub, np.minimum(k, k_max), CHECK_MARGIN):
       return (hidden, image_embeds, text_embeds), scale, attempt
@@ -243,7 +244,7 @@ def _model_cfg(preset: str, on_cpu: bool, param_dtype: str | None = None) -> ml_
 
 
 def _trim_settings(num_patches: int) -> list[tuple[str, Any]]:
-  ratio_k = trim_lib.static_ratio_k(num_patches, FLAGS.ratio)
+  ratio_k = trim_common.static_ratio_k(num_patches, FLAGS.ratio)
   return [
       ("off", None),
       ("iqr_example", ml_collections.ConfigDict(dict(

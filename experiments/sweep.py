@@ -233,6 +233,9 @@ def _main(argv: Sequence[str] | None) -> int:
   p.add_argument("--repo-dir", default="~/medcg", help="pod: the checkout on the workers")
   p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
                  help="local launcher, gs:// root: where each run's sweep.log is written before it is copied")
+  p.add_argument("--compilation-cache-dir", default=None,
+                 help="local launcher: the runs' JAX compilation cache ('off' disables; default "
+                 "$MEDCG_COMPILATION_CACHE, else ~/.cache/medcg/jax)")
   p.add_argument("--collect", action="store_true", help="only gather finished runs into a table")
   p.add_argument("--out", default="", help="also write the collected table to OUT.md and OUT.json, and its plots "
                  "to OUT_<name>.png / .svg")
@@ -242,6 +245,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
   if a.from_json and not a.collect:
     p.error("--from needs --collect")
+  if a.compilation_cache_dir is not None:  # the runs are subprocesses: they read it from the environment
+    from medcg import compile_cache
+    os.environ[compile_cache.ENV] = a.compilation_cache_dir
   if a.collect:
     table = collect(a.config, a.root, a.from_json)
     found, total = len(table["runs"]), len(sweep_args(a.config))

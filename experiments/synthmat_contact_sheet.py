@@ -21,8 +21,8 @@ from absl import app, flags
 import numpy as np
 
 from medcg import mat
-from medcg.data import synth_probe
-from medcg.data.synthetic import LABELS, render, write_synthmat
+from medcg.data.synth import LABELS, render, write_synthmat
+from medcg.data.synth import probe as synth_probe
 
 _SIZE = flags.DEFINE_integer("image_size", 64, "Image side in pixels.")
 _EXAMPLES = flags.DEFINE_integer("examples", 2, "Examples per label on the contact sheet.")

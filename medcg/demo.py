@@ -67,7 +67,13 @@ def main(argv=None) -> int:
   p.add_argument("--synth-train", type=int, default=common.SYNTH_TRAIN, help="SynthMAT train samples per subset")
   p.add_argument("--synth-test", type=int, default=common.SYNTH_TEST, help="SynthMAT test samples per subset")
   p.add_argument("--epochs", type=int, default=0, help="0: the recipe's")
+  p.add_argument("--compilation-cache-dir", default=None,
+                 help="the arms' JAX compilation cache ('off' disables; default $MEDCG_COMPILATION_CACHE, else "
+                 "~/.cache/medcg/jax): the second arm with the same shapes loads the first's programs")
   a = p.parse_args(argv)
+  if a.compilation_cache_dir is not None:  # the arms are subprocesses: they read it from the environment
+    from medcg import compile_cache
+    os.environ[compile_cache.ENV] = a.compilation_cache_dir
   # Paths given relative to the caller's directory; the sweep runs from the repository root.
   a.workdir = fileio.absolute(a.workdir)
   raw, shards = common.synth_dirs(a.model)

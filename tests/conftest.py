@@ -19,8 +19,17 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent compilation cache for the whole run (medcg/compile_cache.py): a trainer subprocess, a later test
+# with the same shapes, or the next run loads an executable instead of compiling it. Kept apart from the user's own
+# cache; MEDCG_COMPILATION_CACHE=off runs every compile cold.
+os.environ.setdefault("MEDCG_COMPILATION_CACHE", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "medcg", "jax-tests"))
 
 import pytest  # noqa: E402
+
+from medcg import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +38,11 @@ def synth_shards(tmp_path_factory) -> str:
 
   ArrayRecord keeps TensorFlow out of the test process (TFRecord conversion is tested in test_convert.py).
   """
-  from medcg.data import synthetic
+  from medcg.data import synth
   from medcg.data.__main__ import main as data_main
   root = tmp_path_factory.mktemp("synthmat")
-  synthetic.write_synthmat(root / "raw", image_size=32, per_subset=24, test_per_subset=12, seed=0,
-                           subsets=[3, 5, 28], progress=False)
+  synth.write_synthmat(root / "raw", image_size=32, per_subset=24, test_per_subset=12, seed=0,
+                       subsets=[3, 5, 28], progress=False)
   rc = data_main(["convert", "--src", str(root / "raw"), "--out", str(root / "shards"), "--image-size", "32",
                   "--format", "array_record", "--no-progress"])
   assert rc in (0, None)

@@ -327,11 +327,11 @@ def test_array_record_conversion_needs_no_tensorflow(tmp_path):
 
 def test_detection_subset_round_trip_to_batches(tmp_path):
   """A SynthMAT detection subset converts into the same builder and reaches the batch with its box answer."""
-  from medcg.data import pipeline, synthetic
+  from medcg.data import pipeline, synth
   from medcg.data import tokenizer as tok_lib
   from medcg.eval import detection
   src, out = tmp_path / "src", tmp_path / "out"
-  synthetic.write_synthmat(src, image_size=32, per_subset=5, test_per_subset=3, subsets=[3, 47], progress=False)
+  synth.write_synthmat(src, image_size=32, per_subset=5, test_per_subset=3, subsets=[3, 47], progress=False)
   manifest = _convert(src, out, image_size=32, fmt="array_record")
   assert manifest.subsets("train") == [3, 47] and manifest.labels(47, "train") == {"lung opacity": 5}
   source = shards.subset_source(out, 47, "train")

@@ -19,12 +19,13 @@ from configs import models
 from medcg import configlib
 from medcg.data import pipeline
 from medcg.data import shards
-from medcg.data import synthetic
+from medcg.data import synth
 from medcg.data import tfds_builder
 from medcg.data import tokenizer as tok_lib
 from medcg.eval import __main__ as eval_cli
 from medcg.eval import metrics
 from medcg.eval import runner
+from medcg.train import run_info
 from medcg.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +55,8 @@ def _config(shards_dir: str):
 
 def _synth_shards(root, subsets, test_per_subset):
   """SynthMAT (8 train samples per subset, 32 px) converted to ArrayRecord shards under root/shards."""
-  synthetic.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=test_per_subset,
-                           subsets=list(subsets), progress=False)
+  synth.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=test_per_subset,
+                       subsets=list(subsets), progress=False)
   tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=16, fmt="array_record",
                        progress=False)
   return root
@@ -143,7 +144,7 @@ def test_files_written_and_well_formed(loaded, tmp_path):
 
 def test_likelihood_scores_the_trained_answer_tokens(loaded):
   _, config, tokenizer, _ = loaded
-  data_cfg = trainer.pipeline_config(config, [(28, "test", 4)], 4, 16)
+  data_cfg = run_info.pipeline_config(config, [(28, "test", 4)], 4, 16)
   batch = next(pipeline.make_eval_iterator(data_cfg, tokenizer, include_answer=True, process_index=0,
                                            process_count=1))
   for b in range(4):
@@ -357,7 +358,7 @@ def test_detection_rows_are_generated_scored_and_batch_invariant(det_loaded, tmp
 def test_detection_max_new_tokens_fits_the_longest_box(det_loaded):
   _, config, tokenizer, _, _ = det_loaded
   from configs import models as _  # noqa: F401 (the config is already built)
-  data_cfg = trainer.pipeline_config(config, [(39, "test", -1)], 8, 16)
+  data_cfg = run_info.pipeline_config(config, [(39, "test", -1)], 8, 16)
   auto = runner.detection_max_new_tokens(config, data_cfg, tokenizer)
   # Byte tokenizer: " [0.123, 0.456, 0.789, 0.987]" is 29 bytes, + eos + margin.
   assert auto == 29 + 1 + runner.DETECTION_MARGIN
@@ -411,8 +412,8 @@ def test_trainer_hook_reports_ciou(det_loaded):
 def test_tiny_model_learns_to_answer_with_a_box(tmp_path):
   """End to end (~60 s on 2 CPU cores): 60 steps on 64 SynthMAT polyp images and the tiny model's greedy
   answers parse as boxes most of the time (its cIoU is still near zero at this length)."""
-  synthetic.write_synthmat(tmp_path / "src", image_size=32, per_subset=64, test_per_subset=8, subsets=[39],
-                           progress=False)
+  synth.write_synthmat(tmp_path / "src", image_size=32, per_subset=64, test_per_subset=8, subsets=[39],
+                       progress=False)
   tfds_builder.convert(tmp_path / "src", tmp_path / "shards", image_size=32, shard_size=64, fmt="array_record",
                        progress=False)
   c = _config(str(tmp_path / "shards"))

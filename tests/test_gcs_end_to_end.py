@@ -51,9 +51,9 @@ def _losses(workdir):
 
 
 def test_convert_train_resume_eval_collect_on_gcs(gcs_root, tmp_path):
-  from medcg.data import synthetic
-  synthetic.write_synthmat(tmp_path / "raw", image_size=32, per_subset=24, test_per_subset=12, seed=0,
-                           subsets=[3, 5, 28], progress=False)
+  from medcg.data import synth
+  synth.write_synthmat(tmp_path / "raw", image_size=32, per_subset=24, test_per_subset=12, seed=0,
+                       subsets=[3, 5, 28], progress=False)
   shards = f"{gcs_root}/shards"
   assert data_main(["convert", "--src", str(tmp_path / "raw"), "--out", shards, "--image-size", "32",
                     "--staging", str(tmp_path / "staging"), "--no-progress"]) in (0, None)

@@ -266,8 +266,8 @@ def test_parse_example_imports_no_tensorflow():
 
 @pytest.fixture
 def det_release(tmp_path):
-  from medcg.data import synthetic
-  synthetic.write_synthmat(tmp_path, image_size=16, per_subset=3, test_per_subset=1, subsets=[39], progress=False)
+  from medcg.data import synth
+  synth.write_synthmat(tmp_path, image_size=16, per_subset=3, test_per_subset=1, subsets=[39], progress=False)
   return tmp_path, tmp_path / "Aggregated_Subsets" / "Subset--39-train.json"
 
 

@@ -32,10 +32,10 @@ def run_python(body: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory):
   """SynthMAT converted to ArrayRecord (that conversion needs no TensorFlow either)."""
-  from medcg.data import synthetic, tfds_builder
+  from medcg.data import synth, tfds_builder
   root = tmp_path_factory.mktemp("synthmat")
-  synthetic.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=4, seed=0, subsets=[2, 3],
-                           progress=False)
+  synth.write_synthmat(root / "src", image_size=32, per_subset=8, test_per_subset=4, seed=0, subsets=[2, 3],
+                       progress=False)
   tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=6, fmt="array_record",
                        progress=False)
   return str(root / "shards")

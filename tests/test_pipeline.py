@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from medcg.data import example_proto as tf_example_pb2
 
-from medcg.data import features, pipeline, shards, synthetic, tfds_builder
+from medcg.data import features, pipeline, shards, synth, tfds_builder
 from medcg.data.tokenizer import ByteTokenizer
 
 # SynthMAT: 12 train records for subsets 02 and 03; 4 and 6 test records for 02 and 05 (label-balanced).
@@ -74,8 +74,8 @@ def catalog():
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("synthmat")
-  synthetic.write_synthmat(root / "src", image_size=32, per_subset=TRAIN_PER_SUBSET, test_per_subset=6, seed=0,
-                           subsets=[2, 3, 5], progress=False)
+  synth.write_synthmat(root / "src", image_size=32, per_subset=TRAIN_PER_SUBSET, test_per_subset=6, seed=0,
+                       subsets=[2, 3, 5], progress=False)
   tfds_builder.convert(root / "src", root / "shards", image_size=32, shard_size=5, progress=False)
   return str(root / "shards")
 

@@ -17,7 +17,7 @@ import pytest
 
 from medcg import fileio
 from medcg.data import __main__ as cli
-from medcg.data import features, pipeline, shards, synthetic, tfds_builder
+from medcg.data import features, pipeline, shards, synth, tfds_builder
 from medcg.data import tokenizer as tok_lib
 from medcg.errors import UserError
 from tests.conftest import FAKE_GCS_BUCKET
@@ -34,8 +34,8 @@ def _convert_args(src, out, *extra):
 @pytest.fixture(scope="module")
 def data(_fake_gcs_server, tmp_path_factory):
   root = tmp_path_factory.mktemp("storage_data")
-  synthetic.write_synthmat(root / "raw", image_size=32, per_subset=8, test_per_subset=4, seed=0,
-                           subsets=list(SUBSETS), progress=False)
+  synth.write_synthmat(root / "raw", image_size=32, per_subset=8, test_per_subset=4, seed=0,
+                       subsets=list(SUBSETS), progress=False)
   assert cli.main(_convert_args(root / "raw", root / "local")) == 0
   gs = f"gs://{FAKE_GCS_BUCKET}/{uuid.uuid4().hex[:12]}/shards"
   with pytest.MonkeyPatch.context() as mp:  # the default staging dir, inside this test's tmp dir

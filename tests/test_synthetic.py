@@ -9,8 +9,9 @@ from PIL import Image
 import pytest
 
 from medcg import mat
-from medcg.data import synth_probe, synth_spec
-from medcg.data.synthetic import LABELS, TEMPLATES, render, split_labels, write_synthmat
+from medcg.data.synth import LABELS, TEMPLATES, render, split_labels, write_synthmat
+from medcg.data.synth import probe as synth_probe
+from medcg.data.synth import spec as synth_spec
 
 SCHEMA_A_KEYS = ["id", "caption", "image", "Question", "Answer", "Question-choice", "Answer-choice", "data-no"]
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -204,7 +205,7 @@ def test_small_findings_visible_to_histogram_probe(sid):
 
 
 # -- detection subsets 38-50 ------------------------------------------------------------------------------
-from medcg.data import synth_render  # noqa: E402
+from medcg.data.synth import imaging as synth_render  # noqa: E402
 from medcg.eval import detection  # noqa: E402
 
 DET = tuple(mat.DETECTION_SUBSETS)

@@ -20,6 +20,7 @@ from configs import models
 from medcg import configlib
 from medcg.errors import UserError
 from medcg.train import checkpoint as ckpt_lib
+from medcg.train import run_info
 from medcg.train import sharding as shd
 from medcg.train import trainer
 
@@ -198,7 +199,7 @@ def pipeline_sample_ids(c, n: int) -> list[list[str]]:
   from medcg.model import vlm
   tok = tok_lib.make_tokenizer(c.data.tokenizer)
   slots = vlm.num_image_tokens(trainer.model_config(c, tok), None)
-  d = trainer.pipeline_config(c, c.data.mixture, c.data.batch_size, slots, training=True)
+  d = run_info.pipeline_config(c, c.data.mixture, c.data.batch_size, slots, training=True)
   it = pipeline.make_train_iterator(d, tok, seed=c.seed, process_index=0, process_count=1)
   return [[str(x) for x in next(it)["sample_id"]] for _ in range(n)]
 
@@ -298,11 +299,11 @@ def test_bad_configs_name_the_field(synth_shards, tmp_path, change, message):
 @pytest.fixture(scope="module")
 def seen_subset_shards(tmp_path_factory) -> str:
   """Subset 05 (CT brain: Normal vs Hemorrhage) with enough samples to learn from: 600 train, 100 test."""
-  from medcg.data import synthetic, tfds_builder
+  from medcg.data import synth, tfds_builder
   from medcg.data.__main__ import build_corpus_tokenizer
   root = tmp_path_factory.mktemp("seen")
-  synthetic.write_synthmat(root / "raw", image_size=32, per_subset=600, test_per_subset=100, seed=1,
-                           subsets=[5], progress=False)
+  synth.write_synthmat(root / "raw", image_size=32, per_subset=600, test_per_subset=100, seed=1,
+                       subsets=[5], progress=False)
   tfds_builder.convert(root / "raw", root / "shards", image_size=32, fmt="array_record", progress=False)
   build_corpus_tokenizer(str(root / "shards"), 512)
   return str(root / "shards")

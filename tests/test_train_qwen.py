@@ -39,10 +39,10 @@ def qwen_config(shards: str, **train):
 @pytest.fixture(scope="module")
 def qwen_shards(tmp_path_factory) -> str:
   """SynthMAT subsets 03, 05, 28 at 56 px (the micro Qwen's static grid: 2 x 2 merged tokens)."""
-  from medcg.data import synthetic, tfds_builder
+  from medcg.data import synth, tfds_builder
   root = tmp_path_factory.mktemp("synthmat56")
-  synthetic.write_synthmat(root / "raw", image_size=56, per_subset=24, test_per_subset=6, seed=0,
-                           subsets=[3, 5, 28], progress=False)
+  synth.write_synthmat(root / "raw", image_size=56, per_subset=24, test_per_subset=6, seed=0,
+                       subsets=[3, 5, 28], progress=False)
   tfds_builder.convert(root / "raw", root / "shards", image_size=56, fmt="array_record", progress=False)
   return str(root / "shards")
 

@@ -1,1 +1,1 @@
-"""medcg data: Med-MAT reader, SynthMAT, TFRecord shards, grain pipeline, tokenizers."""
+"""medcg data: Med-MAT reader, SynthMAT (medcg.data.synth), TFRecord shards, grain pipeline, tokenizers."""

@@ -154,10 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   elif args.command == "synth":
     if fileio.is_remote(args.out):
       raise UserError(f"--out {args.out}: synth writes to a local directory only (convert reads a local --src)")
-    from medcg.data import synthetic  # the SynthMAT generator
-    synthetic.write_synthmat(args.out, image_size=args.image_size, per_subset=args.per_subset,
-                             test_per_subset=args.test_per_subset, seed=args.seed, subsets=args.subsets,
-                             progress=not args.no_progress, detection=args.detection)
+    from medcg.data import synth  # the SynthMAT generator
+    synth.write_synthmat(args.out, image_size=args.image_size, per_subset=args.per_subset,
+                         test_per_subset=args.test_per_subset, seed=args.seed, subsets=args.subsets,
+                         progress=not args.no_progress, detection=args.detection)
     print(f"wrote SynthMAT to {args.out}")
   elif args.command == "convert":
     from medcg.data import tfds_builder  # imports tfds (and TensorFlow when writing TFRecord)

@@ -28,6 +28,7 @@ flags.DEFINE_string("out", None, "Output directory (default: workdir/eval/step_<
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host); 0 = single or from the environment.")
 flags.DEFINE_integer("process_id", -1, "This process's index for multi-process runs.")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder (local or gs://); \"off\" disables it. Default: $MEDCG_COMPILATION_CACHE, else ~/.cache/medcg/jax (medcg/compile_cache.py).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -148,8 +149,10 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from medcg import compile_cache
   from medcg.errors import report
   from medcg.train import trainer
+  compile_cache.enable(FLAGS.compilation_cache_dir)
   trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
   try:

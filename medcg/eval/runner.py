@@ -42,6 +42,7 @@ from medcg.eval import mcq
 from medcg.eval import report
 from medcg.eval import stats
 from medcg.model import vlm as vlm_lib
+from medcg.train import run_info
 from medcg.train import sharding as shd
 
 MODES = ("likelihood", "generate")
@@ -187,7 +188,6 @@ def run_records(model, config, tokenizer, *, mixture, mode: str, batch_size: int
                 mesh: jax.sharding.Mesh | None = None, likelihood_target: str = "letter",
                 reduction: str = "mean", progress: bool = False) -> list[metrics.SampleRecord]:
   """This host's per-sample records for `mixture` (no gathering, no files)."""
-  from medcg.train import trainer  # lazily: the trainer imports this module for its default hook
   if mode not in MODES:
     raise ValueError(f"config.eval.mode={mode!r}: expected one of {MODES}")
   if reduction not in REDUCTIONS:
@@ -201,7 +201,7 @@ def run_records(model, config, tokenizer, *, mixture, mode: str, batch_size: int
   for part, part_mode in ((classification, mode), (det, "generate")):
     if not part:
       continue
-    data_cfg = trainer.pipeline_config(config, part, batch_size, model.num_image_tokens)
+    data_cfg = run_info.pipeline_config(config, part, batch_size, model.num_image_tokens)
     if part is det:
       max_new_tokens = detection_max_new_tokens(config, data_cfg, tokenizer)
     else:
@@ -429,10 +429,9 @@ def step_dir(workdir: str, step: int) -> str:
 
 def checkpoint_info(workdir: str, step: int, config) -> dict[str, Any]:
   """What a result's weights are, the same whoever evaluates them (the trainer's hook or medcg.eval): the
-  workdir, the step and where the step's parameters came from (medcg.train.trainer.params_source)."""
-  from medcg.train import trainer  # lazily: the trainer imports this module for its default hook
+  workdir, the step and where the step's parameters came from (medcg.train.run_info.params_source)."""
   return {"workdir": fileio.absolute(workdir), "step": int(step),
-          "source": trainer.params_source(config, has_checkpoint=int(step) > 0)}
+          "source": run_info.params_source(config, has_checkpoint=int(step) > 0)}
 
 
 def make_trainer_hook(config: ml_collections.ConfigDict, workdir: str, tokenizer,

@@ -1,5 +1,8 @@
 """TRIM token reduction (arXiv 2409.10994): public function, XLA reference, dispatcher.
 
+Scores, the IQR rule and the keep counts (`probs`, `iqr_upper_bound`, `keep_counts`, `MODES`) live in
+`trim_common.py`, which the Pallas kernels (`trim_pallas.py`) import too.
+
 TRIM keeps the image tokens whose CLIP patch embedding is *least* similar to the question (the
 released code takes `softmax(-s)` and keeps its upper outliers) and appends the unweighted mean of
 the dropped tokens. See `../shared/reference/trim.md` §1 for the released algorithm.
@@ -65,44 +68,13 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-MODES = ("iqr_batch", "iqr_example", "ratio")
+from medcg.kernels import trim_common
+
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
-IQR_FACTOR = 1.5
 
 
-# ----------------------------------------------------------------------------- shared pieces
-
-def probs(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
-  """p = softmax(-image_embeds . text) over tokens, float32, (B, N)."""
-  scores = jnp.einsum("bne,be->bn", image_embeds.astype(jnp.float32),
-                      text_embeds.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  return jax.nn.softmax(-scores, axis=-1)
-
-
-def iqr_upper_bound(p: jax.Array, axis=None) -> jax.Array:
-  """Q3 + 1.5 (Q3 - Q1) with NumPy's default linear interpolation (the released rule)."""
-  q1 = jnp.percentile(p, 25.0, axis=axis, keepdims=axis is not None)
-  q3 = jnp.percentile(p, 75.0, axis=axis, keepdims=axis is not None)
-  return q3 + IQR_FACTOR * (q3 - q1)
-
-
-def static_ratio_k(n: int, ratio: float) -> int:
-  """K = int(N * ratio), as the released code does for a positive reduce parameter."""
-  return int(n * ratio)
-
-
-def keep_counts(p: jax.Array, mode: str, ratio: float | None = None) -> jax.Array:
-  """Number of tokens TRIM wants to keep per example (before the k_max cap), int32 (B,)."""
-  b, n = p.shape
-  if mode == "iqr_batch":
-    above = jnp.sum(p > iqr_upper_bound(p), dtype=jnp.int32)
-    return jnp.full((b,), above // b, jnp.int32)
-  if mode == "iqr_example":
-    return jnp.sum(p > iqr_upper_bound(p, axis=-1), axis=-1, dtype=jnp.int32)
-  if mode == "ratio":
-    return jnp.full((b,), static_ratio_k(n, ratio), jnp.int32)
-  raise ValueError(f"trim: unknown mode {mode!r}; expected one of {MODES}")
-
+# ----------------------------------------------------------------------------- checks and slots
+# (scores, the IQR rule and keep counts, shared with the kernels, are in trim_common)
 
 def slot_mask(count: jax.Array, k_max: int) -> jax.Array:
   """(B, k_max+1) bool: True on the `count` leading slots that hold tokens."""
@@ -119,8 +91,8 @@ def _check(hidden, image_embeds, text_embeds, k_max, mode, ratio, impl):
     raise ValueError(
         f"trim: shape mismatch: hidden {hidden.shape}, image_embeds {image_embeds.shape}, "
         f"text_embeds {text_embeds.shape}")
-  if mode not in MODES:
-    raise ValueError(f"trim: unknown mode {mode!r}; expected one of {MODES}")
+  if mode not in trim_common.MODES:
+    raise ValueError(f"trim: unknown mode {mode!r}; expected one of {trim_common.MODES}")
   if impl not in IMPLS:
     raise ValueError(f"trim: unknown impl {impl!r}; expected one of {IMPLS}")
   if not isinstance(k_max, int) or not 0 <= k_max <= n:
@@ -167,8 +139,8 @@ def select_and_pool(hidden: jax.Array, p: jax.Array, k: jax.Array, k_max: int):
 
 def trim_xla(hidden, image_embeds, text_embeds, *, k_max, mode="iqr_batch", ratio=None):
   """The jnp reference of `trim` (the oracle the kernels are tested against)."""
-  p = probs(image_embeds, text_embeds)
-  return select_and_pool(hidden, p, keep_counts(p, mode, ratio), k_max)
+  p = trim_common.probs(image_embeds, text_embeds)
+  return select_and_pool(hidden, p, trim_common.keep_counts(p, mode, ratio), k_max)
 
 
 # ----------------------------------------------------------------------------- dispatch

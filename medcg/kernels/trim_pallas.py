@@ -8,7 +8,7 @@ Kernels, one program per image:
           of `hidden` and the mean of the rest, written straight into the (k_max+1, D) output.
        Between them XLA takes the softmax of the (B, N) scores (so every chunk of p the select
        kernel reloads is bit-identical to the full row it compares against) and, for "iqr_batch",
-       the batch-global quantile (`trim.keep_counts`).
+       the batch-global quantile (`trim_common.keep_counts`).
   TPU  iqr_example / ratio: one fused kernel (scores, softmax, threshold, ranks, compaction, mean).
        iqr_batch: a small first kernel writes p, XLA takes the batch quantile, then the select
        kernel (same body, p read instead of computed) gets K by scalar prefetch.
@@ -46,7 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 import numpy as np
 
-from medcg.kernels import trim as trim_lib
+from medcg.kernels import trim_common
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -91,7 +91,7 @@ def _iqr_upper_bound(kth, n: int):
     low, high, low_w, high_w = _quartile_terms(n, q)
     return kth(low) * low_w + kth(high) * high_w
   q1, q3 = quantile(25.0), quantile(75.0)
-  return q3 + trim_lib.IQR_FACTOR * (q3 - q1)
+  return q3 + trim_common.IQR_FACTOR * (q3 - q1)
 
 
 # ----------------------------------------------------------------------------- GPU (Triton)
@@ -213,7 +213,7 @@ def _gpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
   )(image_embeds, text_embeds)
   p = jax.nn.softmax(-scores, axis=-1)
   per_example = mode == "iqr_example"
-  k = jnp.zeros((b,), jnp.int32) if per_example else trim_lib.keep_counts(p, mode, ratio)
+  k = jnp.zeros((b,), jnp.int32) if per_example else trim_common.keep_counts(p, mode, ratio)
   n_pad = _next_pow2(n)
   p = jnp.pad(p, ((0, 0), (0, n_pad - n)), constant_values=-1.0)
   d_chunk = _pow2_divisor(d, 1024)
@@ -357,7 +357,7 @@ def _tpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
   score_bytes = _nbytes(image_embeds) + _nbytes(text_embeds)
   p_bytes = _nbytes((b, 1, n), jnp.float32)
   if fused:  # one pass: K is per example (iqr_example, computed in-kernel) or static (ratio)
-    k = jnp.full((b,), 0 if per_example else trim_lib.static_ratio_k(n, ratio), jnp.int32)
+    k = jnp.full((b,), 0 if per_example else trim_common.static_ratio_k(n, ratio), jnp.int32)
     operands, score_specs = (image_embeds, text_embeds), [emb_spec, text_spec]
     in_flops, in_exp, in_bytes = probs_flops, probs_exp, score_bytes
   else:      # first pass: p for the batch-wide quantile
@@ -369,7 +369,7 @@ def _tpu_call(hidden, image_embeds, text_embeds, *, k_max, mode, ratio, interpre
         compiler_params=params, interpret=interp, name="trim_probs_mosaic",
         cost_estimate=_cost(b * probs_flops, b * probs_exp, score_bytes + p_bytes),
     )(image_embeds, text_embeds)
-    k = trim_lib.keep_counts(p[:, 0], mode, ratio)
+    k = trim_common.keep_counts(p[:, 0], mode, ratio)
     operands, score_specs = (p,), [pl.BlockSpec((None, 1, n), lambda i, *_: (i, 0, 0))]
     in_flops, in_exp, in_bytes = 0, 0, p_bytes
   kernel = functools.partial(_tpu_select_kernel, n=n, k_max=k_max,

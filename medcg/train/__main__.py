@@ -20,6 +20,7 @@ flags.DEFINE_bool("overwrite", False, "Delete what the workdir holds (another ex
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host); 0 = single or from the environment.")
 flags.DEFINE_integer("process_id", -1, "This process's index for multi-process runs.")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder (local or gs://); \"off\" disables it. Default: $MEDCG_COMPILATION_CACHE, else ~/.cache/medcg/jax (medcg/compile_cache.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,8 +29,10 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax and grain log every step at INFO
     logging.set_verbosity(logging.WARNING)
+  from medcg import compile_cache
   from medcg.errors import report
   from medcg.train import trainer
+  compile_cache.enable(FLAGS.compilation_cache_dir)
   try:
     trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     result = trainer.train(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)

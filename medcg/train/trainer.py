@@ -32,6 +32,7 @@ from medcg.train import checkpoint as ckpt_lib
 from medcg.train import mfu as mfu_lib
 from medcg.train import optimizer as opt_lib
 from medcg.train import provenance
+from medcg.train import run_info
 from medcg.train import run_record
 from medcg.train import state as state_lib
 from medcg.train import sharding as shd
@@ -301,17 +302,6 @@ ModelParts = state_lib.ModelParts
 model_parts = state_lib.model_parts
 
 
-def params_source(config, has_checkpoint: bool) -> str:
-  """Where a run's parameters at a step come from: its checkpoint, else what its trainer started from."""
-  if has_checkpoint:
-    return "checkpoint"
-  if config.train.init_from:
-    return f"init_from:{config.train.init_from}"
-  if config.train.init_from_hf:
-    return f"init_from_hf:{config.train.init_from_hf}"
-  return f"seeded init (seed {config.seed})"
-
-
 def initial_params(config, parts: ModelParts, mesh, *, with_init_from: bool = True):
   """(params, frozen, rest) a run starts from: Hugging Face weights or the seeded init, then (with_init_from)
   the trainable params of `config.train.init_from`'s latest checkpoint. Frozen params are never checkpointed:
@@ -379,7 +369,8 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
   # Input pipeline: each host reads its slice of the global batch.
   # --------------------------------------------------------------------------------------------------
   n_image_tokens = vlm_lib.num_image_tokens(model_cfg, trim_cfg)
-  data_cfg = pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens, training=True)
+  data_cfg = run_info.pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens,
+                                      training=True)
   total_steps = total_train_steps(config)
   train_iter = None
   if total_steps:
@@ -430,7 +421,7 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
     # Evaluation hook.
     # ------------------------------------------------------------------------------------------------
     if evaluate_fn is None and config.data.eval_mixture:
-      from medcg.eval import runner
+      from medcg.eval import runner  # one way: the runner imports train's lower modules, never this one
       evaluate_fn = runner.make_trainer_hook(config, workdir, tokenizer, mesh=mesh, final_step=total_steps)
 
     def run_eval(state) -> dict[str, float]:
@@ -611,21 +602,6 @@ def check_tokenizer(tokenizer, model_cfg) -> None:
   if tokenizer.vocab_size > model_cfg.llm.vocab_size and tokenizer.image_token_id < model_cfg.llm.vocab_size:
     raise ValueError(f"config.model.llm.vocab_size={model_cfg.llm.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size})")
-
-
-def pipeline_config(config, mixture, global_batch: int, num_image_tokens: int, *,
-                    training: bool = False) -> ml_collections.ConfigDict:
-  """The pipeline's `data` section for this host: its share of the global batch, the model's image slots,
-  and TRIM's text (`data.clip_text` from `config.trim`: `text_source` in training, `eval_text_source` else)."""
-  from medcg.data import pipeline
-  if global_batch % jax.process_count():
-    raise ValueError(f"batch size {global_batch} is not divisible by the {jax.process_count()} processes")
-  d = pipeline.with_clip_text(config.data, config.get("trim"), training=training)
-  d.mixture = [tuple(m) for m in mixture]
-  d.batch_size = global_batch // jax.process_count()
-  d.num_image_tokens = num_image_tokens
-  d.seed = config.seed
-  return d
 
 
 _abstract = state_lib.abstract

@@ -6,7 +6,7 @@ subsets 38-50 when asked: `subsets=` naming them, or `detection=True`),
   Aggregated_Subsets/Subset--NN-train.json and Subset--NN-test.json   (schema A, reference/medmat.md §1.2)
   med-mat/SynthMAT/Subset--NN/<split>/<id:06d>.png
 so the reader, converter and pipeline exercise exactly the code real data goes through. Images are
-compositional by construction (see `synth_render`): modality -> image formation, area -> anatomy and
+compositional by construction (see `imaging`): modality -> image formation, area -> anatomy and
 finding sites, task -> what the label changes.
 
 A detection record has no options: `Question-choice` is the question itself (it asks for the box as
@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medcg import mat
-from medcg.data.synth_render import render, render_detection
-from medcg.data.synth_spec import DET_LABELS, DET_TEMPLATES, LABELS, TEMPLATES
+from medcg.data.synth.imaging import render, render_detection
+from medcg.data.synth.spec import DET_LABELS, DET_TEMPLATES, LABELS, TEMPLATES
 from medcg.eval import detection
 
 __all__ = ["LABELS", "TEMPLATES", "DET_LABELS", "DET_TEMPLATES", "render", "render_detection", "write_synthmat",

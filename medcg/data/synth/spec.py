@@ -2,7 +2,7 @@
 
 Each label maps to the findings that make it true. A finding names only a *shape kind* (round,
 spiculated, diffuse, ...), a *tissue* class and where in the area it sits; how that tissue looks is the
-modality's business (`synth_render`) and where the region is is the area's. So one label word means
+modality's business (`imaging`) and where the region is is the area's. So one label word means
 one visual concept everywhere: "Malignant" is a spiculated lesion in a CT lung, a breast ultrasound or
 a cytology smear, and "Level k" is k-fold more of the area's finding. Label words are shared by subsets
 that share a task, so answers can transfer between compositions.
@@ -26,7 +26,7 @@ NUM_TISSUES = 7
 class Finding:
   """One kind of abnormality, independent of modality.
 
-  kind: shape primitive (see `synth_render.FINDING_KINDS`); tissue: class it paints; size: radius as a
+  kind: shape primitive (see `imaging.FINDING_KINDS`); tissue: class it paints; size: radius as a
   multiple of the area's finding scale; count: how many copies; region: the area's named region the
   sites are drawn from (None = the area's default); nucleus: for cell areas, replaces the cells' nucleus
   shape instead of adding a lesion (cell-type recognition); strength: paint opacity.

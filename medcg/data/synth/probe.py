@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from medcg import mat
-from medcg.data.synth_render import render
-from medcg.data.synth_spec import LABELS
+from medcg.data.synth.imaging import render
+from medcg.data.synth.spec import LABELS
 
 
 def pixel_features(images: np.ndarray, grid: int = 16) -> np.ndarray:

@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from medcg.data import synth_shapes as shp
-from medcg.data.synth_spec import BACKGROUND, BLOOD, DENSE, FLUID, NUM_TISSUES, ORGAN, SOFT
+from medcg.data.synth import shapes as shp
+from medcg.data.synth.spec import BACKGROUND, BLOOD, DENSE, FLUID, NUM_TISSUES, ORGAN, SOFT
 
 
 class Canvas:

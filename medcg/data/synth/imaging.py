@@ -2,8 +2,8 @@
 
 The three MAT factors enter at three separate places, which is what makes SynthMAT compositional by
 construction:
-  area     -> `synth_anatomy.AREAS[area]`: tissue layout and the regions findings may sit in;
-  task     -> `synth_spec.SPECS[subset][label]`: which findings (shape, tissue, size, count) are present;
+  area     -> `anatomy.AREAS[area]`: tissue layout and the regions findings may sit in;
+  task     -> `spec.SPECS[subset][label]`: which findings (shape, tissue, size, count) are present;
   modality -> `MODALITIES[modality]`: what each tissue looks like (palette), blur, noise model, field of
               view, colour. A finding is just tissue, so its look follows the modality automatically.
 Detection subsets (`render_detection`) paint one object the same way and also return its tight box.
@@ -16,9 +16,9 @@ from typing import Callable
 import numpy as np
 
 from medcg import mat
-from medcg.data import synth_anatomy as anat
-from medcg.data import synth_shapes as shp
-from medcg.data.synth_spec import DET_SPECS, ORGAN, QUALITY, SPECS, Finding
+from medcg.data.synth import anatomy as anat
+from medcg.data.synth import shapes as shp
+from medcg.data.synth.spec import DET_SPECS, ORGAN, QUALITY, SPECS, Finding
 
 # ---------------------------------------------------------------------------------------------------
 # Findings: a shape kind drawn at a site, with radius r (normalised units).

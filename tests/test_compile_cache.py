@@ -1,0 +1,68 @@
+"""The persistent compilation cache: where it goes, how to turn it off, and that a second process hits it."""
+import os
+import subprocess
+import sys
+
+import jax
+
+from medcg import compile_cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_resolve_order(monkeypatch, tmp_path):
+  monkeypatch.delenv(compile_cache.ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache.resolve() == str(tmp_path / "xdg" / "medcg" / "jax")
+  monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))
+  assert compile_cache.resolve() == str(tmp_path / "env")
+  assert compile_cache.resolve(str(tmp_path / "flag")) == str(tmp_path / "flag")   # the flag wins
+  for off in ("off", "", "OFF", "none"):
+    assert compile_cache.resolve(off) is None
+  monkeypatch.setenv(compile_cache.ENV, "off")
+  assert compile_cache.resolve() is None
+
+
+def test_enable_and_disable(tmp_path):
+  before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+  try:
+    assert compile_cache.enable(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+    assert compile_cache.enable("off") is None and not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before[0])
+    jax.config.update("jax_compilation_cache_dir", before[1])
+
+
+PROGRAM = """
+import sys, time
+import jax, jax.numpy as jnp
+from medcg import compile_cache
+compile_cache.enable()
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event))
+def f(x):
+  for _ in range(40):
+    x = jnp.tanh(x @ x.T) + x
+  return x
+jax.jit(f).lower(jnp.ones((128, 128))).compile()
+print("hits", hits.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_a_second_process_loads_the_first_ones_program(tmp_path):
+  cache = tmp_path / "cache"
+  env = dict(os.environ, MEDCG_COMPILATION_CACHE=str(cache), PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", PROGRAM], env=env, check=True, cwd=ROOT, capture_output=True)
+  entries = sorted(p.name for p in cache.iterdir() if p.name.startswith("jit_f-"))
+  assert len(entries) == 1, sorted(p.name for p in cache.iterdir())
+  mtime = (cache / entries[0]).stat().st_mtime_ns
+  # The second process finds the entry (JAX records a cache hit) and writes nothing new for f.
+  proc = subprocess.run([sys.executable, "-c", PROGRAM], env=env, check=True, cwd=ROOT, capture_output=True,
+                        text=True)
+  assert sorted(p.name for p in cache.iterdir() if p.name.startswith("jit_f-")) == entries
+  assert (cache / entries[0]).stat().st_mtime_ns == mtime
+  assert "hits 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+  off = subprocess.run([sys.executable, "-c", PROGRAM], env=dict(env, MEDCG_COMPILATION_CACHE="off"), check=True,
+                       cwd=ROOT, capture_output=True, text=True)
+  assert "hits 0" in off.stdout
