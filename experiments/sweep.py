@@ -17,10 +17,12 @@ checkpoint, so the workdir must be a directory every host sees. Before any run s
 unfinished run is checked (`medcg.preflight`), so a short shards dir fails in seconds, not after the first arms.
 On a gs:// root each run's sweep.log is written to a local file (`--log-dir`) and copied to its workdir when
 the run ends, since object stores cannot append.
+
+A bad flag, config or path prints one line `experiments.sweep: error: ...` and exits 2; `--verbose` or
+MEDCG_VERBOSE=1 adds its traceback.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import importlib.util
@@ -32,9 +34,11 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
+from medcg import errors
 from medcg import fileio
-from medcg.errors import UserError, report
+from medcg.errors import UserError
 
+PROG = "experiments.sweep"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LOG_DIR = os.path.join("runs", "sweep-logs")
 
@@ -215,21 +219,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return _main(argv)
   except Exception as e:  # the user's to fix (flags, data, storage): one message, no traceback
-    if not report(e, "error"):
+    status = errors.exit_status(e, PROG, verbose_=errors.verbose(sys.argv[1:] if argv is None else argv))
+    if status is None:
       raise
-    return 2
+    return status
 
 
 def _main(argv: Sequence[str] | None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog=f"python -m {PROG}", description=__doc__)
   p.add_argument("--config", required=True, help="configs/x.py[:base args]")
-  p.add_argument("--launcher", choices=("local", "pod", "print"), default="print")
+  p.add_argument("--launcher", choices=("local", "pod", "print"), default="print",
+                 help="run here, on every worker of a TPU pod, or print the commands")
   p.add_argument("--root", default="runs", help="parent of the run workdirs (gs://BUCKET/... works)")
-  p.add_argument("--parallel", type=int, default=1, help="local: runs at once")
-  p.add_argument("--python", default=sys.executable if sys.executable else "python")
+  p.add_argument("--parallel", type=errors.positive_int, default=1, help="local: runs at once")
+  p.add_argument("--python", default=sys.executable if sys.executable else "python",
+                 help="the interpreter that runs each medcg.train")
   p.add_argument("--tpu", default="", help="pod: TPU VM name")
-  p.add_argument("--zone", default="")
-  p.add_argument("--project", default="")
+  p.add_argument("--zone", default="", help="pod: the TPU's zone")
+  p.add_argument("--project", default="", help="pod: the GCP project (default: gcloud's)")
   p.add_argument("--repo-dir", default="~/medcg", help="pod: the checkout on the workers")
   p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
                  help="local launcher, gs:// root: where each run's sweep.log is written before it is copied")

@@ -15,18 +15,20 @@ Finished arms are skipped (a re-run resumes); each arm's workdir holds its check
 events, samples.jsonl and results.json. Before the first arm starts, the shards are checked against every arm's
 config (`medcg.preflight`): shards built for other sizes fail in seconds, naming what is short and the commands
 that rebuild it. `--workdir` may be gs://BUCKET/... (the data dirs stay local).
+
+A bad flag, path or data prints one line `medcg.demo: error: ...` and exits 2; `--verbose` or MEDCG_VERBOSE=1
+adds its traceback.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 from configs import common
 from configs import models
+from medcg import errors
 from medcg import fileio
-from medcg.errors import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join("configs", "demo.py")
@@ -54,18 +56,20 @@ def ensure_shards(raw_dir: str, shards_dir: str, *, image_size: int, per_subset:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", default="runs/demo")
+  p = errors.ArgumentParser(prog="python -m medcg.demo", description=__doc__)
+  p.add_argument("--workdir", default="runs/demo", help="parent of the arms' workdirs (local or gs://)")
   p.add_argument("--model", default="tiny", choices=models.FROM_SCRATCH,
                  help="the from-scratch preset: tiny (LLaVA architecture, 32 px) or tiny-qwen2vl (Qwen2-VL, 112 px)")
   p.add_argument("--data-dir", default=None, help="where SynthMAT (JSON + PNG) is written (default data/synthmat, "
                  "data/synthmat112 for tiny-qwen2vl)")
   p.add_argument("--shards", default=None, help="converted shards, built if missing (default data/synthmat_shards, "
                  "data/synthmat112_shards for tiny-qwen2vl)")
-  p.add_argument("--seeds", type=int, default=1, help="seeds per arm (mean ± sd when > 1)")
-  p.add_argument("--format", default="tfrecord", choices=("tfrecord", "array_record"))
-  p.add_argument("--synth-train", type=int, default=common.SYNTH_TRAIN, help="SynthMAT train samples per subset")
-  p.add_argument("--synth-test", type=int, default=common.SYNTH_TEST, help="SynthMAT test samples per subset")
+  p.add_argument("--seeds", type=errors.positive_int, default=1, help="seeds per arm (mean ± sd when > 1)")
+  p.add_argument("--format", default="tfrecord", choices=("tfrecord", "array_record"), help="shard format")
+  p.add_argument("--synth-train", type=errors.positive_int, default=common.SYNTH_TRAIN,
+                 help="SynthMAT train samples per subset")
+  p.add_argument("--synth-test", type=errors.positive_int, default=common.SYNTH_TEST,
+                 help="SynthMAT test samples per subset")
   p.add_argument("--epochs", type=int, default=0, help="0: the recipe's")
   p.add_argument("--compilation-cache-dir", default=None,
                  help="the arms' JAX compilation cache ('off' disables; default $MEDCG_COMPILATION_CACHE, else "
@@ -83,9 +87,10 @@ def main(argv=None) -> int:
   try:
     return _run(a)
   except Exception as e:  # the user's to fix (data, paths, storage): the message, no traceback
-    if not report(e, "[demo] error"):
+    status = errors.exit_status(e, "medcg.demo", verbose_=a.verbose or None)
+    if status is None:
       raise
-    return 1
+    return status
   finally:
     os.chdir(cwd)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, Callable, Iterable
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a backend (see the module docstring)
@@ -126,6 +126,23 @@ def makedirs(p: PathLike) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
 
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+  """A new file `.NAME.<random>.tmp` in `folder`, opened for writing, with the mode `open(..., "w")` gives.
+
+  Not `tempfile.mkstemp`: it creates files 0600 whatever the umask, and `os.replace` keeps that mode, so
+  collaborators on shared storage could not read configs, run records or results. Creating with 0666 lets the
+  kernel apply the umask (0644 under 022), without touching the process-wide umask (other threads).
+  """
+  flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+  for _ in range(100):
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    try:
+      return os.open(tmp, flags, 0o666), tmp
+    except FileExistsError:
+      continue
+  raise FileExistsError(f"{folder}: no free temporary name for {name}")
+
+
 def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   """Readers see the old content or the new, never part (see the module docstring for object stores)."""
   if is_remote(p):
@@ -136,7 +153,7 @@ def atomic_write_bytes(p: PathLike, data: bytes) -> None:
   p = os.fspath(p)
   folder = os.path.dirname(os.path.abspath(p))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(p) + ".", suffix=".tmp")
+  fd, tmp = _create_temp(folder, os.path.basename(p))
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)

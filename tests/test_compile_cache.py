@@ -39,6 +39,7 @@ import sys, time
 import jax, jax.numpy as jnp
 from medcg import compile_cache
 compile_cache.enable()
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # however fast this machine compiles f
 hits = []
 jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event))
 def f(x):
@@ -62,7 +63,7 @@ def test_a_second_process_loads_the_first_ones_program(tmp_path):
                         text=True)
   assert sorted(p.name for p in cache.iterdir() if p.name.startswith("jit_f-")) == entries
   assert (cache / entries[0]).stat().st_mtime_ns == mtime
-  assert "hits 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+  assert int(proc.stdout.split("hits")[1]) >= 1, proc.stdout + proc.stderr[-2000:]  # f (and jnp.ones' programs)
   off = subprocess.run([sys.executable, "-c", PROGRAM], env=dict(env, MEDCG_COMPILATION_CACHE="off"), check=True,
                        cwd=ROOT, capture_output=True, text=True)
   assert "hits 0" in off.stdout

@@ -114,5 +114,5 @@ def test_cli_prints_the_clash_as_one_line(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-  (line,) = [l for l in done.stderr.splitlines() if l.startswith("error: ")]
+  (line,) = [l for l in done.stderr.splitlines() if l.startswith("medcg.judge: error: ")]
   assert a in line and b in line and "'step_444'" in line and "NAME=PATH" in line

@@ -74,6 +74,6 @@ def test_the_data_is_checked_before_any_run(tmp_path, capsys):
   config = "configs/demo.py:shards=" + str(tmp_path / "no_shards")
   assert _main(["--config", config, "--launcher", "local", "--root", str(tmp_path / "runs")]) == 2
   err = capsys.readouterr().err
-  assert err.startswith(f"error: data not ready for 3 of 3 runs: {tmp_path}/no_shards: no such directory")
+  assert err.startswith(f"experiments.sweep: error: data not ready for 3 of 3 runs: {tmp_path}/no_shards: no such directory")
   assert "python -m medcg.data synth" in err and "Traceback" not in err
   assert not (tmp_path / "runs").exists()

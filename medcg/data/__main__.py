@@ -2,24 +2,30 @@
 
   python -m medcg.data synth --out /data/synthmat --image-size 64 --per-subset 200 [--detection]
   python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image-size 64
-  python -m medcg.data inspect /data/medmat_shards [--json]
+  python -m medcg.data inspect /data/medmat_shards [--json | --wide] [--verify]
   python -m medcg.data tokenizer /data/medmat_shards --vocab-size 512   (BPE for from-scratch models)
 
 `convert --out`, `inspect` and `tokenizer` also take `gs://bucket/prefix` (`convert` builds in a local
 `--staging` directory and uploads, manifest.json last); `convert --src` and `synth --out` are local only.
+
+A bad flag, path or source file prints one line `medcg.data: error: ...` and exits 2; `--verbose` or
+MEDCG_VERBOSE=1 adds its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 from typing import Any, Sequence
 
 from medcg import fileio
 from medcg import mat
 from medcg.data import features as features_lib
 from medcg.data import shards as shards_lib
-from medcg.errors import UserError, report
+from medcg import errors
+from medcg.errors import UserError
 
 
 def _subset_list(text: str) -> list[int]:
@@ -62,28 +68,82 @@ def summary(manifest: shards_lib.Manifest, with_example: bool = True) -> dict[st
   return out
 
 
-def _print_table(info: dict[str, Any]) -> None:
+NARROW = 80  # columns of the default table (`--wide`: as wide as the terminal, nothing cut)
+
+
+def format_labels(labels: dict[str, int]) -> str:
+  """`"Normal": 12, "Mild, moderate": 3`: quoted, since a label may itself hold commas or colons."""
+  return ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {v}" for k, v in labels.items())
+
+
+def _print_table(info: dict[str, Any], wide: bool = False) -> None:
+  """The summary as tables. By default each line fits 80 columns: short headers, no column rules, the skipped
+  column only when something was skipped, labels cut to the room left ("…"); `--wide` shows every cell whole."""
+  from rich import box
   from rich.console import Console
+  from rich.measure import Measurement
   from rich.table import Table
-  table = Table(title=f"Med-MAT shards at {info['root']} ({info['format']}, {info['image_size']} px)")
-  for col in ("subset", "modality", "area", "task", "train", "test", "skipped", "labels (train or test)"):
-    table.add_column(col)
+  rows = []
   for key, sub in info["subsets"].items():
     splits = sub["splits"]
     labels = (splits.get("train") or splits.get("test") or {}).get("labels", {})
-    table.add_row(key, *sub["triplet"],
-                  *(str(splits[s]["count"]) if s in splits else "-" for s in ("train", "test")),
-                  str(sum(s["skipped"] for s in splits.values())),
-                  ", ".join(f"{k}: {v}" for k, v in labels.items()))
-  console = Console()
+    rows.append([key, *sub["triplet"], *(str(splits[s]["count"]) if s in splits else "-" for s in ("train", "test")),
+                 str(sum(s["skipped"] for s in splits.values())), format_labels(labels)])
+  title = f"Med-MAT shards at {info['root']} ({info['format']}, {info['image_size']} px)"
+  console = Console() if wide else Console(width=NARROW)
+  if wide:
+    table = Table(title=title)
+    for col in ("subset", "modality", "area", "task", "train", "test", "skipped", "labels (train or test)"):
+      table.add_column(col)
+    for row in rows:
+      table.add_row(*row)
+  else:
+    headers = ["id", "modality", "area", "task", "train", "test", "skipped"]
+    if all(r[6] == "0" for r in rows):  # the usual case: no column of zeros
+      del headers[6]
+      for r in rows:
+        del r[6]
+
+    def narrow(labels: list[str]) -> Table:
+      t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
+                collapse_padding=True)
+      for i, col in enumerate(headers):
+        t.add_column(col, no_wrap=True, justify="right" if i >= 4 else "left")
+      t.add_column("labels (train or test)", no_wrap=True)
+      for row, cell in zip(rows, labels):
+        t.add_row(*row[:-1], cell)
+      return t
+
+    # The labels are cut here, to the width the other columns leave: given a table wider than the console,
+    # rich would shrink every column instead, ids and counts included.
+    bare = Measurement.get(console, console.options, narrow([""] * len(rows))).maximum
+    room = max(NARROW - bare + len("labels (train or test)"), 16)
+    table = narrow([r[-1] if len(r[-1]) <= room else r[-1][:room - 1] + "…" for r in rows])
   console.print(table)
   if "example" in info:
     ex = Table(title="one decoded example")
-    ex.add_column("field")
-    ex.add_column("value")
+    ex.add_column("field", no_wrap=True)
+    ex.add_column("value")  # long values wrap (within 80 columns by default): nothing is lost
     for k, v in info["example"].items():
       ex.add_row(k, str(v))
     console.print(ex)
+
+
+def _write_quietly(write) -> int:
+  """Runs `write()` (printing to stdout); a reader that hangs up early (`| head`) ends it without a traceback.
+
+  The usual treatment of a closed pipe: stdout goes to /dev/null (so the interpreter's last flush cannot fail
+  again) and the exit status is 141, what a shell reports for a command killed by SIGPIPE.
+  """
+  try:
+    write()
+    sys.stdout.flush()  # here, not at exit: a closed pipe must show up inside the try
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
+  return 0
 
 
 def corpus_texts(root: str):
@@ -107,8 +167,7 @@ def build_corpus_tokenizer(root: str, vocab_size: int, out: str | None = None) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m medcg.data", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m medcg.data", description=__doc__)  # defaults in --help
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("synth", help="write SynthMAT (release layout, schema A JSON + PNGs)")
@@ -140,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = sub.add_parser("inspect", help="print the manifest summary and one decoded example")
   p.add_argument("dir")
   p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-  p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+  p.add_argument("--wide", action="store_true",
+                 help="print the full tables (as wide as the terminal) instead of cells cut to fit 80 columns")
+  p.add_argument("--verify", action="store_true",
+                 help="also check every shard's sha256 and record count against the manifest")
 
   p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer.json on the shards' prompts")
   p.add_argument("dir", help="a converted shards root")
@@ -174,14 +236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ("" if uploaded is None else f" ({len(uploaded)} files uploaded)"))
   else:
     manifest = shards_lib.Manifest.load(args.dir)
-    if args.verify:
-      manifest.verify()
+    verified = manifest.verify() if args.verify else None
     info = summary(manifest)
-    if args.json:
-      json.dump(info, sys.stdout, indent=1, ensure_ascii=False)
-      print()
-    else:
-      _print_table(info)
+
+    def write() -> None:
+      if args.json:
+        json.dump(info, sys.stdout, indent=1, ensure_ascii=False)
+        print()
+      else:
+        _print_table(info, wide=args.wide)
+      if verified is not None:  # stderr under --json, so stdout stays one JSON document
+        line = (f"verified {verified['subsets']:,} subsets, {verified['records']:,} records, "
+                f"{verified['shards']:,} shards: sha256 and record counts match the manifest")
+        print(line if args.wide else textwrap.fill(line, NARROW, subsequent_indent="  "),
+              file=sys.stderr if args.json else sys.stdout)
+    return _write_quietly(write)
   return 0
 
 
@@ -189,6 +258,7 @@ if __name__ == "__main__":
   try:
     sys.exit(main())
   except Exception as e:  # the user's mistake (flags, paths, storage): one line, no traceback
-    if not report(e, "medcg.data: error"):
+    status = errors.exit_status(e, "medcg.data")
+    if status is None:
       raise
-    sys.exit(2)
+    sys.exit(status)

@@ -55,3 +55,14 @@ def _classes():
 
 
 Example, Features, Feature, BytesList, FloatList, Int64List = _classes()
+
+
+def canonical(raw: bytes) -> bytes:
+  """A serialized `tf.train.Example` re-serialized with its feature map in key order (byte-stable).
+
+  Protobuf writes map entries in hash-table order, which varies between processes; `deterministic=True`
+  sorts them by key, so equal examples give equal bytes (and shards equal sha256).
+  """
+  example = Example()
+  example.ParseFromString(raw)
+  return example.SerializeToString(deterministic=True)

@@ -35,6 +35,7 @@ from PIL import Image
 
 from medcg import mat
 from medcg.eval import detection
+from medcg.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("train", "test")
@@ -53,7 +54,7 @@ _OPTION_RE = re.compile(r"^([A-D]):\s?(.*)$")
 OnError = Literal["fail", "skip"]
 
 
-class MedMatError(ValueError):
+class MedMatError(UserError, ValueError):
   """A bad Med-MAT source file or record. `file`, `index` and `field` say where."""
 
   def __init__(self, file: str | os.PathLike, message: str, index: int | None = None,

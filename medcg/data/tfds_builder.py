@@ -44,12 +44,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from tensorflow_datasets.core import writer as tfds_writer
 from PIL import Image
 from tqdm import tqdm
 
 import medcg
 from medcg import fileio
 from medcg import mat
+from medcg.data import example_proto
 from medcg.data import features as features_lib
 from medcg.data import medmat
 from medcg.data import shards as shards_lib
@@ -116,6 +118,17 @@ class _ShardedDownloadConfig(tfds.download.DownloadConfig):
     return _RecordsPerShard(self.records_per_shard)
 
 
+class _CanonicalExampleWriter(tfds_writer.ExampleWriter):
+  """Writes every record in canonical form (`example_proto.canonical`): same source, same shard bytes.
+
+  tfds serializes each `tf.train.Example` with the protobuf default, which writes the feature map in hash-table
+  order; that order differs between processes, so two conversions of one source gave different shard sha256.
+  """
+
+  def write(self, path, examples):
+    return super().write(path, ((key, example_proto.canonical(raw)) for key, raw in examples))
+
+
 class MedMat(tfds.core.GeneratorBasedBuilder):
   """Med-MAT samples, one config per classification (01-37) or detection (38-50) subset.
 
@@ -139,7 +152,7 @@ class MedMat(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             "sample_id": text, "subset": tfds.features.Scalar(np.int64), "split": text,
@@ -150,6 +163,14 @@ class MedMat(tfds.core.GeneratorBasedBuilder):
         citation="arXiv:2412.20070",
         metadata=tfds.core.MetadataDict(image_size=self.image_size),
     )
+    # med_mat has no pre-computed info on gs://tfds-data. tfds' lookup of it (run by the builder's __init__
+    # for a data_dir without a dataset yet) makes a `tmp*tfds` dir in the system temp folder before finding
+    # nothing there, and never removes it: one empty dir per subset per convert.
+    info.initialize_from_bucket = lambda: None
+    return info
+
+  def _example_writer(self) -> tfds_writer.ExampleWriter:
+    return _CanonicalExampleWriter(file_format=self.info.file_format)
 
   def readable_records(self, root: str | os.PathLike) -> dict[str, list[medmat.Record]]:
     """The subset's valid records per split, read once from the Med-MAT root; skips go to `skipped`."""

@@ -8,6 +8,9 @@ run gives the initial model), evaluates the mixture (default: config.data.eval_m
 samples.jsonl, results.json, report.md (+ heatmap) into --out (default workdir/eval/step_<N>, with the
 mode / mixture in the name when they differ from the config's) and prints a summary table. Multi-host:
 run the same command on every worker (as `python -m medcg.train`).
+
+A bad flag, workdir or mixture prints one line `medcg.eval: error: ...` and exits 2; `--verbose` or
+MEDCG_VERBOSE=1 adds its traceback. `--help` lists these flags with their defaults.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from absl import app, flags, logging
+
+from medcg import errors
+
+PROG = "medcg.eval"
 
 flags.DEFINE_string("workdir", None, "A medcg.train run directory (config.json, checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -29,6 +36,7 @@ flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for mult
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host); 0 = single or from the environment.")
 flags.DEFINE_integer("process_id", -1, "This process's index for multi-process runs.")
 flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder (local or gs://); \"off\" disables it. Default: $MEDCG_COMPILATION_CACHE, else ~/.cache/medcg/jax (medcg/compile_cache.py).")
+errors.define_verbose_flag()
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -45,17 +53,17 @@ def parse_mixture_flag(text: str) -> list[tuple[int, str, int]]:
       continue
     parts = item.split(":")
     if len(parts) != 3:
-      raise ValueError(f"--mixture entry {i} {item!r}: expected subset:split:n")
+      raise errors.ConfigError(f"--mixture entry {i} {item!r}: expected subset:split:n")
     try:
       entries.append((parts[0], parts[1], int(parts[2])))
     except ValueError:
-      raise ValueError(f"--mixture entry {i} {item!r}: n must be an integer (-1 for all)") from None
+      raise errors.ConfigError(f"--mixture entry {i} {item!r}: n must be an integer (-1 for all)") from None
   if not entries:
-    raise ValueError(f"--mixture {text!r} has no entries")
+    raise errors.ConfigError(f"--mixture {text!r} has no entries")
   try:
     parsed = pipeline.parse_mixture(entries)
   except ValueError as e:
-    raise ValueError(f"--mixture: {e}".replace("data.mixture", "entry")) from e
+    raise errors.ConfigError(f"--mixture: {e}".replace("data.mixture", "entry")) from e
   return [(e.subset, e.split, -1 if e.n_samples is None else e.n_samples) for e in parsed]
 
 
@@ -148,21 +156,21 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    errors.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}; see --help")
   from medcg import compile_cache
-  from medcg.errors import report
   from medcg.train import trainer
-  compile_cache.enable(FLAGS.compilation_cache_dir)
-  trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import jax
   try:
+    compile_cache.enable(FLAGS.compilation_cache_dir)
+    trainer.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     mixture = parse_mixture_flag(FLAGS.mixture) if FLAGS.mixture else None
     results, out = run(FLAGS.workdir, step=FLAGS.step, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
                        mixture=mixture, likelihood_target=FLAGS.likelihood_target, out=FLAGS.out)
   except Exception as e:  # the user's to fix: one line; anything else: a bug
-    if not report(e, "medcg.eval: error"):
+    status = errors.exit_status(e, PROG)
+    if status is None:
       raise
-    sys.exit(2)
+    sys.exit(status)
   if jax.process_index() == 0:
     print_summary(results, out)
 
@@ -178,8 +186,7 @@ def _dashes_to_underscores(argv: Sequence[str]) -> list[str]:
   return fixed
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  return FLAGS(_dashes_to_underscores(argv))
+parse_flags = errors.absl_flags_parser(PROG, prepare=_dashes_to_underscores)
 
 
 if __name__ == "__main__":

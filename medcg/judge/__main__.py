@@ -14,15 +14,20 @@ with one name are an error; name them apart:
 
 A judge leaving more than config protocol.max_unparsed_rate (default 0.2) of its replies unparsed is warned
 about at the end (and in leaderboard.md / results.json), with its first replies.
+
+A bad flag, config key or path prints one line `medcg.judge: error: ...` and exits 2; `--verbose` or
+MEDCG_VERBOSE=1 adds its traceback. `--help` lists these flags with their defaults.
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from medcg import errors
 from medcg import fileio
-from medcg.errors import report
 from medcg.judge import launch
+
+PROG = "medcg.judge"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Judge config file (configs/judge.py). Answer files: --config.answers.reference and "
@@ -33,22 +38,24 @@ flags.DEFINE_bool("no-cache", False, "Send every judge call again instead of rep
 flags.DEFINE_string("label_policy", None, "How a reply with several label lines is read: 'last_line' (the last "
                     "one wins) or 'strict' (different labels: unparsed). Default: config protocol.label_policy, "
                     "else 'last_line'. Cached replies are re-read under it.")
+errors.define_verbose_flag()
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    errors.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}; see --help")
   try:
     paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value,
                               label_policy=flags.FLAGS.label_policy)
   except Exception as e:  # the user's to fix (a config key, a path, storage): the message, no traceback
-    if not report(e, "error"):
+    status = errors.exit_status(e, PROG)
+    if status is None:
       raise
-    sys.exit(2)
+    sys.exit(status)
   logging.info("leaderboard: %s", paths["leaderboard.md"])
   print(fileio.read_text(paths["leaderboard.md"]))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.absl_flags_parser(PROG))

@@ -34,10 +34,10 @@ def load_samples(cfg: ml_collections.ConfigDict) -> tuple[list[data_lib.Sample],
   """Samples of `cfg.data` (and records a reader rejected, as skips)."""
   paths = _paths(cfg.path)
   if not paths:
-    raise ValueError("config data.path is empty: give questions.json or Med-MAT JSON files")
+    raise ConfigError("config data.path is empty: give questions.json or Med-MAT JSON files")
   if cfg.format == "mllm_bench":
     if len(paths) != 1:
-      raise ValueError(f"config data.path: MLLM-Bench takes one questions.json, got {paths}")
+      raise ConfigError(f"config data.path: MLLM-Bench takes one questions.json, got {paths}")
     samples = data_lib.load_mllm_bench(paths[0], cfg.criteria_path or None, cfg.image_root or None)
     skips = []
   elif cfg.format == "medmat":
@@ -51,7 +51,7 @@ def load_samples(cfg: ml_collections.ConfigDict) -> tuple[list[data_lib.Sample],
       samples += got
       skips += skipped
   else:
-    raise ValueError(f"config data.format must be 'mllm_bench' or 'medmat', got {cfg.format!r}")
+    raise ConfigError(f"config data.format must be 'mllm_bench' or 'medmat', got {cfg.format!r}")
   if cfg.limit:
     samples = samples[:cfg.limit]
   return samples, skips
@@ -141,7 +141,7 @@ def make_judge(cfg: ml_collections.ConfigDict):
   if cfg.kind == "local":
     from medcg.judge import local  # imports jax; only local judges pay for it
     return local.medcg_judge(cfg)
-  raise ValueError(f"config judge.kind must be 'http' or 'local', got {cfg.kind!r}")
+  raise ConfigError(f"config judge.kind must be 'http' or 'local', got {cfg.kind!r}")
 
 
 def cache_path_for(config: ml_collections.ConfigDict) -> str:
