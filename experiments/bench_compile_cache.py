@@ -8,7 +8,7 @@ One run of the script, three conditions side by side (the machines are noisy, so
   warm  the folder the cold pass filled: a second process with the same shapes loads them.
 Each condition runs `python -m medcg.demo` at a toy size (the shards and tokenizer are built once, before the
 timed passes) into its own workdir. Reported per condition: the demo's wall time, and per arm the trainer's
-first-step latency (`step_time_s` of step 1 in metrics.jsonl: its first window holds the compilation; the
+first-step latency (`train/step_time_s` of step 1 in metrics.jsonl: its first window holds the compilation; the
 untrained Baseline has no step) and the process's wall time (from sweep.log's start to its results.json).
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _first_step(arm_dir: str) -> float | None:
     return None
   for line in open(path):
     row = json.loads(line)
-    if row.get("step") == 1 and "step_time_s" in row:
-      return float(row["step_time_s"])
+    if row.get("step") == 1 and "train/step_time_s" in row:
+      return float(row["train/step_time_s"])
   return None
 
 
