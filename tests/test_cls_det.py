@@ -82,7 +82,9 @@ def test_collect_puts_ciou_gains_and_accuracies_beside_the_paper():
   md = cls_det.collect(runs)["markdown"]
   assert "### Tables 13-14" in md and "### Table 5" in md
   t13 = next(line for line in md.splitlines() if line.startswith("| 6 |"))
-  assert "| 50.0 | 55.0 | 80.0 | 25.0 | 23 -> 26 | 22 -> 23 |" in t13
+  # accuracies with n and Wilson intervals, the gain with the CG test (counts only: unpaired)
+  assert ("| 50.0 [37.7, 62.3] (n=60) | 55.0 [42.5, 66.9] (n=60) | 80.0 [68.2, 88.2] (n=60) | +25.0 [" in t13
+          and "**helps** (p=" in t13 and "unpaired) | 23 -> 26 | 22 -> 23 |" in t13), t13
   t5 = next(line for line in md.splitlines() if line.startswith("| 1 |") and "39" in line)
   assert re.search(r"\| 2\.0 ± 0\.0 \| 31\.0 ± 1\.4 \| 39\.0 ± 1\.4 \| 8\.0 ± 2\.8 \| \+3\.8 \| \+4\.1 \|", t5), t5
   # A run whose results miss the detection section shows as missing, not as zero.
