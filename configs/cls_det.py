@@ -149,9 +149,7 @@ def _ciou(results, subset: int) -> float | None:
   return None if entry is None else entry["ciou"]
 
 
-def _values(runs, table: int, target: int) -> list[float]:
-  if table == 13:
-    return report.target_accuracies(runs, target)
+def _cious(runs, target: int) -> list[float]:
   return [v for v in (_ciou(r, target) for r in runs) if v is not None]
 
 
@@ -178,7 +176,7 @@ def collect(results):
         gain, verdict = report.fmt_decision(entry.decision())
         ours = [report.fmt_arm(entry.runs(a)) for a in ARMS] + [f"{gain}; {verdict}"]
       else:  # cIoU is a ratio of summed areas, not a count: mean ± sd over seeds
-        vals = {arm: _values(by.get((table, row, arm), []), table, combo.target) for arm in ARMS}
+        vals = {arm: _cious(by.get((table, row, arm), []), combo.target) for arm in ARMS}
         ours = [report.fmt_pct(vals[a]) for a in ARMS] + [_gain(vals["related"], vals["baseline_plus"])]
       if table == 13:
         p = paper.TABLE13_14[row - 1]

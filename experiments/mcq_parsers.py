@@ -43,10 +43,6 @@ SOURCES = {
         "repo": "open-compass/VLMEvalKit", "path": "vlmeval/utils/matching_util.py",
         "commit": "18fc37a5337e31eec9c104887728ad14e82a6a85", "license": "Apache-2.0",
         "functions": "can_infer_option, can_infer_text, can_infer"},
-    "vlmevalkit@134b4ea": {
-        "repo": "open-compass/VLMEvalKit", "path": "vlmeval/utils/matching_util.py",
-        "commit": "134b4ea61d26cb15b6fac405dec3ff6a88e2bc31", "license": "Apache-2.0",
-        "functions": "can_infer_option, can_infer_text (the two lines that differ from 18fc37a)"},
     "lmms-eval": {
         "repo": "EvolvingLMMs-Lab/lmms-eval", "path": "lmms_eval/tasks/mmmu/utils.py",
         "commit": "02bc1c056e173018e36803b70ae900ad69180ac5",
@@ -131,75 +127,6 @@ def vlmeval_can_infer(answer, choices):
     answer = str(answer)
     copt = vlmeval_can_infer_option(answer, choices)
     return copt if copt else vlmeval_can_infer_text(answer, choices)
-
-
-# VLMEvalKit, the same file at 134b4ea61d26cb15b6fac405dec3ff6a88e2bc31 (Apache-2.0, as above): another stored
-# version, which differs in two places, marked; everything else is as above.
-def vlmeval_134b4ea_can_infer_option(answer, choices):
-    verbose = os.environ.get('VERBOSE', 0)
-    # Choices is a dictionary
-    if 'Failed to obtain answer via API' in answer:
-        return False
-
-    reject_to_answer = [
-        "Sorry, I can't help with images of people yet.",
-        "I can't process this file.",
-        "I'm sorry, but without the image provided",
-        'Cannot determine the answer'
-    ]
-    for err in reject_to_answer:
-        if err in answer:
-            return 'Z'
-
-    def count_choice(splits, choices, prefix='', suffix=''):
-        cnt = 0
-        for c in choices:
-            if prefix + c + suffix in splits:
-                cnt += 1
-        return cnt
-
-    answer_mod = cp.copy(answer)
-    chars = '.()[],:;!*#{}'
-    for c in chars:
-        answer_mod = answer_mod.replace(c, ' ')
-
-    splits = [x.strip() for x in answer_mod.split()]
-    count = count_choice(splits, choices)
-
-    if count == 1:
-        for ch in choices:
-            if 'A' in splits and len(splits) > 3 and verbose:
-                logger = get_logger('Evaluation')
-                logger.info(f'A might be a quantifier in the string: {answer}.')
-                return False
-            if ch in splits and splits.index(ch) < len(splits) - 5:  # differs from 18fc37a
-                return ch
-    elif count == 0 and count_choice(splits, {'Z', ''}) == 1:
-        return 'Z'
-    return False
-
-
-def vlmeval_134b4ea_can_infer_text(answer, choices):
-    answer = answer.lower()
-    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):  # differs from 18fc37a
-        return False
-    assert isinstance(choices, dict)
-    for k in choices:
-        assert k in string.ascii_uppercase
-        choices[k] = str(choices[k]).lower()
-    cands = []
-    for k in choices:
-        if choices[k] in answer:
-            cands.append(k)
-    if len(cands) == 1:
-        return cands[0]
-    return False
-
-
-def vlmeval_134b4ea_can_infer(answer, choices):
-    answer = str(answer)
-    copt = vlmeval_134b4ea_can_infer_option(answer, choices)
-    return copt if copt else vlmeval_134b4ea_can_infer_text(answer, choices)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +308,6 @@ PARSERS: dict[str, Callable[[str, Sequence[str]], tuple[str | None, Any, bool]]]
     "medcg": _medcg,
     "vlmevalkit": _vlmeval(vlmeval_can_infer),
     "lmms-eval": _lmms(lmms_parse_multi_choice_response),
-    "vlmevalkit@134b4ea": _vlmeval(vlmeval_134b4ea_can_infer),
     "lmms-eval@00fa502": _lmms(lmms_parse_mmmu_multi_choice_response),
 }
 MAIN_PARSERS = ("medcg", "vlmevalkit", "lmms-eval")
@@ -485,7 +411,7 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> str:
            "a letter; *random guess* = lmms-eval's MMMU parser found nothing and drew a letter (counted apart, "
            "whatever the draw). VLMEvalKit's `Z` (refusal) and `False` (cannot infer) both count as no letter.", "",
            "## medcg and the two peers", "", markdown(result, MAIN_PARSERS), "",
-           "Reading: the table is medcg's acceptance test (tests/test_mcq.py asserts exact agreement on every row), "
+           ("Reading: the table is medcg's acceptance test (tests/test_mcq.py asserts exact agreement on every row), "
            "written together with the parser's negation, two-letter, CJK, hedge and verdict rules, so medcg's "
            "agreement here is by construction; it measures the peers on the same outputs, not medcg on unseen "
            "ones. Neither peer is used alone upstream: VLMEvalKit sends what `can_infer` cannot read to an LLM "
@@ -495,10 +421,16 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> str:
            "word forms of an option (\"multiple stones\", \"No abnormalities.\"), option text in another "
            "language (\"答案是肺炎\"), per-option yes/no lists, \"答案不是A，是B\"; and to misread: a "
            "self-corrected option cue (\"I select option A? No, B.\" gives A) and an option cue negated after "
-           "a colon (\"Option B: not a cyst\" gives B). For medcg the JSON's `raw` is the cascade stage.", "",
+           "a colon (\"Option B: not a cyst\" gives B). For medcg the JSON's `raw` is the cascade stage."
+            if os.path.samefile(meta["table"], TABLE) else
+            "Reading: this table is not medcg's acceptance test; it was run on the parsers as they are. For medcg "
+            "the JSON's `raw` is the cascade stage."), "",
            "## Other stored versions of the peers", "",
-           "The index of public code holds more than one version of each peer file; these are the ones that differ "
-           "in behaviour (which is newer is not recorded there).", "",
+           "The index of public code holds more than one version of each peer file (which is newer is not recorded "
+           "there). lmms-eval's shared MMMU parser is a different function and runs here. VLMEvalKit's other "
+           "stored version (134b4ea61d26cb15b6fac405dec3ff6a88e2bc31) differs from 18fc37a in two lines "
+           "(`can_infer_option` also needs the letter before the last five tokens, `can_infer_text` gives up on "
+           "answers longer than twice the options' text); it is not copied a second time.", "",
            markdown(result, ["medcg"] + [n for n in PARSERS if n not in MAIN_PARSERS]), "",
            "## Sources of the peer code", "", "| parser | repo | path | commit | license | functions |",
            "|---|---|---|---|---|---|"]

@@ -136,7 +136,8 @@ def _run(a) -> int:
   table = sweep.collect(base, a.workdir)
   print(table.get("markdown", ""))
   written = sweep.write_table(fileio.join(a.workdir, "demo"), table)  # demo.md, demo.json and the plot
-  print(f"[demo] total {time.time() - t0:.0f} s; table in {written[0]}, plot in {written[2]}")
+  plots = [w for w in written if w.endswith(".png")]
+  print(f"[demo] total {time.time() - t0:.0f} s; table in {written[0]}" + (f", plot in {plots[0]}" if plots else ""))
   return 0
 
 

@@ -1,11 +1,11 @@
 """The judgement cache: content-addressed keys, WAL + threads, only parsed replies, resume after a crash."""
-import importlib.util
 import json
 import os
 import sqlite3
 import threading
 
 import pytest
+from judge_fixtures import fixture_config
 
 from medcg.judge import cache as cache_lib
 from medcg.judge import launch, prompts
@@ -64,17 +64,7 @@ def test_cache_is_safe_from_threads(tmp_path):
 
 
 def _config(workdir):
-  spec = importlib.util.spec_from_file_location("judge_config", os.path.join(REPO, "configs", "judge.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("judge=local")
-  c.workdir = str(workdir)
-  c.data.path = os.path.join(FIXTURES, "questions.json")
-  c.data.criteria_path = os.path.join(FIXTURES, "criteria.json")
-  c.answers.reference = os.path.join(FIXTURES, "answers_ref.jsonl")
-  c.answers.candidates = os.path.join(FIXTURES, "answers_a.jsonl")
-  c.protocol.elo_rounds = 10
-  return c
+  return fixture_config(workdir, "judge=local")
 
 
 class CountingJudge:

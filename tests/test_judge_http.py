@@ -6,7 +6,6 @@ the tests can check retries, caching and resume by what the judge was actually a
 """
 import collections
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import threading
 import time
 
 import pytest
+from judge_fixtures import fixture_config
 
 from medcg.judge import launch, prompts
 from medcg.judge.clients import HttpJudge, JudgeRequest
@@ -141,17 +141,19 @@ def api_key(monkeypatch):
   monkeypatch.setenv(KEY_ENV, SECRET)
 
 
+def _cli_command(workdir, url, *extra):
+  """`python -m medcg.judge` on the fixtures against the fake endpoint at `url`."""
+  return [sys.executable, "-m", "medcg.judge", "--config", os.path.join(REPO, "configs", "judge.py"),
+          f"--config.workdir={workdir}", f"--config.data.path={FIXTURES}/questions.json",
+          f"--config.data.criteria_path={FIXTURES}/criteria.json",
+          f"--config.answers.reference={FIXTURES}/answers_ref.jsonl",
+          f"--config.answers.candidates={FIXTURES}/answers_a.jsonl",
+          f"--config.judge.url={url}", "--config.judge.model=judge-x", f"--config.judge.api_key_env={KEY_ENV}",
+          "--config.protocol.elo_rounds=10", *extra]
+
+
 def _config(workdir, url, candidates=("answers_a.jsonl",), **judge):
-  spec = importlib.util.spec_from_file_location("judge_config", os.path.join(REPO, "configs", "judge.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.workdir = str(workdir)
-  c.data.path = os.path.join(FIXTURES, "questions.json")
-  c.data.criteria_path = os.path.join(FIXTURES, "criteria.json")
-  c.answers.reference = os.path.join(FIXTURES, "answers_ref.jsonl")
-  c.answers.candidates = ",".join(os.path.join(FIXTURES, p) for p in candidates)
-  c.protocol.elo_rounds = 20
+  c = fixture_config(workdir, candidates=candidates, elo_rounds=20)
   c.judge.update(dict(url=url, model="judge-x", api_key_env=KEY_ENV, timeout_s=1.5, max_retries=2,
                       backoff_initial_s=0.01, backoff_max_s=0.5, concurrency=4))
   c.judge.update(judge)
@@ -292,14 +294,7 @@ def test_killed_run_resumes_without_repeating_cached_calls(tmp_path, server_fact
   for key in list(script)[:5]:
     srv.script[key] = []
   # Calls go out in sample order with concurrency 1: (0,1) (0,2) (1,1) ... so five answered, then block.
-  cmd = [sys.executable, "-m", "medcg.judge", "--config", os.path.join(REPO, "configs", "judge.py"),
-         f"--config.workdir={tmp_path}", f"--config.data.path={FIXTURES}/questions.json",
-         f"--config.data.criteria_path={FIXTURES}/criteria.json",
-         f"--config.answers.reference={FIXTURES}/answers_ref.jsonl",
-         f"--config.answers.candidates={FIXTURES}/answers_a.jsonl",
-         f"--config.judge.url={srv.url}", "--config.judge.model=judge-x",
-         f"--config.judge.api_key_env={KEY_ENV}", "--config.judge.concurrency=1",
-         "--config.judge.timeout_s=20", "--config.protocol.elo_rounds=10"]
+  cmd = _cli_command(tmp_path, srv.url, "--config.judge.concurrency=1", "--config.judge.timeout_s=20")
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
@@ -335,13 +330,7 @@ def test_killed_run_resumes_without_repeating_cached_calls(tmp_path, server_fact
 def test_cli_label_policy_flag(tmp_path, server_factory):
   # Sample 0, order 1 replies with two different label lines: --label_policy=strict leaves it unparsed.
   srv = server_factory(script={(0, 1): [("text", "Answer2\nOn reflection:\nAnswer1")] * 2})
-  cmd = [sys.executable, "-m", "medcg.judge", "--config", os.path.join(REPO, "configs", "judge.py"),
-         f"--config.workdir={tmp_path}", f"--config.data.path={FIXTURES}/questions.json",
-         f"--config.data.criteria_path={FIXTURES}/criteria.json",
-         f"--config.answers.reference={FIXTURES}/answers_ref.jsonl",
-         f"--config.answers.candidates={FIXTURES}/answers_a.jsonl",
-         f"--config.judge.url={srv.url}", "--config.judge.model=judge-x",
-         f"--config.judge.api_key_env={KEY_ENV}", "--config.protocol.elo_rounds=10"]
+  cmd = _cli_command(tmp_path, srv.url)
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   bad = subprocess.run(cmd + ["--label_policy=first"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=120)

@@ -1,10 +1,10 @@
 """Label policies: how a reply with several label lines is read, what the run reports, and the cache replay."""
-import importlib.util
 import json
 import os
 import re
 
 import pytest
+from judge_fixtures import fixture_config
 
 from medcg.errors import ConfigError
 from medcg.judge import cache as cache_lib
@@ -49,16 +49,7 @@ def test_an_unknown_policy_is_a_value_error_naming_the_choices(bad):
 
 
 def _config(workdir, **protocol_keys):
-  spec = importlib.util.spec_from_file_location("judge_config", os.path.join(REPO, "configs", "judge.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("judge=local")
-  c.workdir = str(workdir)
-  c.data.path = os.path.join(FIXTURES, "questions.json")
-  c.data.criteria_path = os.path.join(FIXTURES, "criteria.json")
-  c.answers.reference = os.path.join(FIXTURES, "answers_ref.jsonl")
-  c.answers.candidates = os.path.join(FIXTURES, "answers_a.jsonl")
-  c.protocol.elo_rounds = 10
+  c = fixture_config(workdir, "judge=local")
   for k, v in protocol_keys.items():
     c.protocol[k] = v
   return c

@@ -1,11 +1,11 @@
 """A local judge end to end (a deterministic generate_fn), bad inputs, and all-pairs Elo."""
-import importlib.util
 import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+from judge_fixtures import fixture_config
 
 from medcg.judge import launch, prompts
 from medcg.judge.clients import LocalJudge
@@ -28,16 +28,7 @@ def rank_judge(prompt_texts, images):
 
 
 def _config(workdir, fixtures=FIXTURES, candidates=("answers_a.jsonl",), **kw):
-  spec = importlib.util.spec_from_file_location("judge_config", os.path.join(REPO, "configs", "judge.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("judge=local")
-  c.workdir = str(workdir)
-  c.data.path = os.path.join(fixtures, "questions.json")
-  c.data.criteria_path = os.path.join(fixtures, "criteria.json")
-  c.answers.reference = os.path.join(fixtures, "answers_ref.jsonl")
-  c.answers.candidates = ",".join(os.path.join(fixtures, p) for p in candidates)
-  c.protocol.elo_rounds = 30
+  c = fixture_config(workdir, "judge=local", fixtures=fixtures, candidates=candidates, elo_rounds=30)
   for k, v in kw.items():
     section, key = k.split("__")
     c[section][key] = v

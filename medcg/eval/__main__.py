@@ -93,21 +93,16 @@ def print_summary(results: Mapping[str, Any], out_dir: str) -> None:
   table = Table(title=f"medcg eval: {results['eval']['mode']} (step {results.get('step')})")
   for col in ("", "triplet", "status", "n", "accuracy %", "95 % CI"):
     table.add_column(col, justify="right" if col in ("n", "accuracy %", "95 % CI") else "left")
-
-  def ci(correct, n):
-    low, high = stats.wilson(int(correct), int(n))
-    return f"[{100 * low:.1f}, {100 * high:.1f}]"
-
   overall = results["overall"]
   table.add_row("overall", "", "", str(overall["n"]), f"{100 * overall['accuracy']:.1f}",
-                ci(overall["correct"], overall["n"]))
+                stats.wilson_text(overall["correct"], overall["n"]))
   table.add_row("mean over subsets", "", "", str(results["counts"]["subsets"]),
                 f"{100 * results['macro_subset']:.1f}", "")
   table.add_row("unparsed", "", "", str(results["parse"]["unparsed"]),
                 f"{100 * results['parse']['failure_rate']:.1f}", "")
   for key, v in results["per_subset"].items():
     table.add_row(f"subset {key}", " ".join(v["triplet"]), v["status"], str(v["n"]), f"{100 * v['accuracy']:.1f}",
-                  ci(v["correct"], v["n"]))
+                  stats.wilson_text(v["correct"], v["n"]))
   console = Console()
   console.print(table)
   if "detection" in results:  # detection subsets score boxes: cIoU, not accuracy

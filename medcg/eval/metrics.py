@@ -166,15 +166,17 @@ def _group(records: Sequence[SampleRecord], key) -> dict[str, dict[str, Any]]:
 def outcomes(records: Sequence[SampleRecord]) -> dict[str, dict[str, str]]:
   """Per subset, every sample's 0/1 in sample-id order and a digest of the ids: what a paired test between
   two runs on the same test samples needs (`medcg.eval.stats.compare`), one character per sample."""
-  by: dict[str, list[SampleRecord]] = {}
-  for r in records:
-    by.setdefault(f"{r.subset:02d}", []).append(r)
-  out = {}
-  for key in sorted(by):
-    rs = sorted(by[key], key=lambda r: r.sample_id)
-    out[key] = {"ids_digest": stats.outcomes_digest([r.sample_id for r in rs]),
+  return {key: {"ids_digest": stats.outcomes_digest([r.sample_id for r in rs]),
                 "correct": "".join("1" if r.correct else "0" for r in rs)}
-  return out
+          for key, rs in _by_subset(records).items()}
+
+
+def _by_subset(records: Sequence[SampleRecord]) -> dict[str, list[SampleRecord]]:
+  """{"03": that subset's records in sample-id order}, keys sorted."""
+  by: dict[str, list[SampleRecord]] = {}
+  for r in sorted(records, key=lambda r: r.sample_id):
+    by.setdefault(f"{r.subset:02d}", []).append(r)
+  return dict(sorted(by.items()))
 
 
 def triplet_key(triplet: Sequence[str]) -> str:
@@ -196,11 +198,12 @@ def aggregate(records: Iterable[SampleRecord | Mapping[str, Any]]) -> dict[str, 
   det = [r for r in recs if r.is_detection]
   recs = [r for r in recs if not r.is_detection]   # accuracies are over classification samples
   per_subset = _group(recs, lambda r: f"{r.subset:02d}")
+  by_subset = _by_subset(recs)
   for key, v in per_subset.items():
     s = mat.get(int(key))
     v["triplet"] = list(s.triplet)
     v["status"] = s.status
-    offered = [r.num_options for r in recs if r.subset == s.id]
+    offered = [r.num_options for r in by_subset[key]]
     if all(k is not None for k in offered):  # chance: the expected accuracy of a uniform guess
       v["chance"] = sum(1.0 / k for k in offered) / len(offered)
   stages = {}

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from medcg import fileio  # noqa: E402
 from medcg import mat  # noqa: E402
 from medcg import paper  # noqa: E402
+from medcg.eval import metrics  # noqa: E402
 from medcg.eval import report  # noqa: E402
 from medcg.eval import stats  # noqa: E402
 
@@ -128,10 +129,6 @@ def _cg_rows_panel(ax, entries: Sequence[report.CGEntry]) -> None:
   ax.grid(axis="y", alpha=0.3)
 
 
-def plot_cg_rows(path: str | os.PathLike, entries: Sequence[report.CGEntry], title: str) -> Path:
-  return save(cg_rows_figure(entries, title), path)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Fig. 4: one bar per scaling setting.
 # ------------------------------------------------------------------------------------------------------
@@ -169,11 +166,6 @@ def scaling_figure(target: int, runs: Mapping[str, Sequence[Results]], title: st
   return fig
 
 
-def plot_scaling_bars(path: str | os.PathLike, target: int, runs: Mapping[str, Sequence[Results]],
-                      title: str = "") -> Path:
-  return save(scaling_figure(target, runs, title), path)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Fig. 5 / 6: accuracy against the number of training samples.
 # ------------------------------------------------------------------------------------------------------
@@ -204,11 +196,6 @@ def curves_figure(x: Sequence[float], series: Mapping[str, Sequence[Sequence[sta
   return fig
 
 
-def plot_curves(path: str | os.PathLike, x: Sequence[float], series: Mapping[str, Sequence[Sequence[Any]]],
-                xlabel: str, title: str, chance: float | None = None) -> Path:
-  return save(curves_figure(x, series, xlabel, title, chance), path)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Modality x area heatmap per task token, and one run's bars.
 # ------------------------------------------------------------------------------------------------------
@@ -218,7 +205,7 @@ def per_triplet(results: Results) -> dict[str, Mapping[str, Any]]:
     return dict(results["per_triplet"])
   out: dict[str, dict[str, Any]] = {}
   for k, v in results["per_subset"].items():
-    cell = out.setdefault(metrics_key(*mat.get(int(k)).triplet), {"n": 0, "correct": 0})
+    cell = out.setdefault(metrics.triplet_key(mat.get(int(k)).triplet), {"n": 0, "correct": 0})
     cell["n"] += v["n"]
     cell["correct"] += v["correct"]
   for cell in out.values():
@@ -273,7 +260,7 @@ def heatmap_figure(results: Results, title: str = "medcg evaluation"):
       for j, a in enumerate(areas):
         if np.isnan(grid[i, j]):
           continue
-        v = triplets[metrics_key(m, a, task)]
+        v = triplets[metrics.triplet_key((m, a, task))]
         low, high = stats.wilson(v["correct"], v["n"])
         ch = _triplet_chance(results, m, a, task)
         at_chance = ch is not None and low <= ch <= high
@@ -289,10 +276,6 @@ def heatmap_figure(results: Results, title: str = "medcg evaluation"):
                "* and red frame: the 95 % interval contains chance", fontsize=9)
   fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy (%)")
   return fig
-
-
-def metrics_key(m: str, a: str, t: str) -> str:
-  return f"{m}|{a}|{t}"
 
 
 def plot_heatmaps(path: str | os.PathLike, results: Results, title: str = "medcg evaluation") -> Path:

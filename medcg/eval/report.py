@@ -89,11 +89,6 @@ def arm_runs(runs: Sequence[Results], subset: int) -> list[stats.RunAccuracy]:
   return out
 
 
-def target_accuracies(runs: Sequence[Results], subset: int) -> list[float]:
-  """The target subset's accuracy (fraction) in each run that evaluated it."""
-  return [a.accuracy for a in arm_runs(runs, subset)]
-
-
 def chance(runs: Sequence[Results], subset: int) -> float | None:
   """The subset's chance accuracy (a uniform guess over the options offered), when a run recorded it."""
   key = f"{mat.get(subset).id:02d}"
@@ -120,12 +115,9 @@ def fmt_decision(decision: stats.Decision | None) -> tuple[str, str]:
   """(difference with interval, verdict with p) cells for a CG row; dashes when an arm is missing."""
   if decision is None:
     return MISSING, MISSING
-  d = decision
-  floor = 1.0 / d.rounds
-  p = f"p<{floor:.2g}" if d.p_value < floor else f"p={d.p_value:.2g}"
-  tag = "" if d.test == "paired bootstrap" else ", unpaired"
-  return (f"{100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]",
-          f"{'**helps**' if d.verdict == 'helps' else d.verdict} ({p}{tag})")
+  tag = "" if decision.test == "paired bootstrap" else ", unpaired"
+  verdict = "**helps**" if decision.verdict == "helps" else decision.verdict
+  return decision.diff_text(), f"{verdict} ({decision.p_text()}{tag})"
 
 
 @dataclasses.dataclass
@@ -145,9 +137,6 @@ class CGEntry:
 
   def runs(self, arm: str) -> list[stats.RunAccuracy]:
     return arm_runs(self.arms.get(arm, ()), self.combo.target)
-
-  def accuracies(self, arm: str) -> list[float]:
-    return [r.accuracy for r in self.runs(arm)]
 
   @property
   def chance(self) -> float | None:
@@ -243,8 +232,7 @@ def scaling_table(target: int, runs: Mapping[str, Sequence[Results]]) -> str:
 
 
 def _count_row(name: str, entry: Mapping[str, Any]) -> list[Any]:
-  low, high = stats.wilson(int(entry["correct"]), int(entry["n"]))
-  return [name, entry["n"], f"{100 * entry['accuracy']:.1f}", f"[{100 * low:.1f}, {100 * high:.1f}]"]
+  return [name, entry["n"], f"{100 * entry['accuracy']:.1f}", stats.wilson_text(int(entry["correct"]), int(entry["n"]))]
 
 
 def summary_table(results: Results, statuses: bool = True) -> str:

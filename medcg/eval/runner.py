@@ -287,10 +287,8 @@ def gather_records(records: Sequence[metrics.SampleRecord]) -> list[metrics.Samp
 
 
 def _per_group_table(groups: Mapping[str, Mapping[str, Any]], title: str) -> str:
-  rows = []
-  for k, v in groups.items():
-    low, high = stats.wilson(int(v["correct"]), int(v["n"]))
-    rows.append([k, v["n"], v["correct"], f"{100 * v['accuracy']:.1f}", f"[{100 * low:.1f}, {100 * high:.1f}]"])
+  rows = [[k, v["n"], v["correct"], f"{100 * v['accuracy']:.1f}", stats.wilson_text(int(v["correct"]), int(v["n"]))]
+          for k, v in groups.items()]
   return report.markdown_table([title, "n", "correct", "accuracy %", "95 % CI"], rows)
 
 

@@ -42,6 +42,16 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def interval_text(low: float, high: float) -> str:
+  """Fractions -> "[37.8, 62.2]" (percent, one decimal): how every table prints an interval."""
+  return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def wilson_text(correct: int, n: int) -> str:
+  """`correct` of `n` as its Wilson interval's text."""
+  return interval_text(*wilson(correct, n))
+
+
 def outcomes_digest(sample_ids: Sequence[str]) -> str:
   """A short hash of the sorted sample ids: two runs pair up only when theirs are equal."""
   return hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:16]
@@ -92,7 +102,7 @@ class ArmSummary:
     """"50.0 [37.8, 62.2] (n=60)" for one run; "48.3 ± 2.9 (n=60; seeds 0,1,2)" for several."""
     n = self.n[0] if len(set(self.n)) == 1 else "/".join(str(v) for v in self.n)
     if self.sd is None:
-      body = f"{100 * self.mean:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
+      body = f"{100 * self.mean:.1f} {interval_text(self.low, self.high)}"
       return f"{body} (n={n})" if with_n else body
     body = f"{100 * self.mean:.1f} ± {100 * self.sd:.1f}"
     seeds = ",".join("?" if s is None else str(s) for s in self.seeds)
@@ -124,11 +134,18 @@ class Decision:
   test: str                    # "paired bootstrap" | "unpaired bootstrap"
   rounds: int
 
-  def text(self) -> str:
-    """"helps: +45.6 [38.9, 52.2], p<0.0001" (points, paired bootstrap)."""
+  def p_text(self) -> str:
+    """"p=0.0042", or "p<0.0001" below the bootstrap's resolution (1 / rounds)."""
     floor = 1.0 / self.rounds
-    p = f"p<{floor:.2g}" if self.p_value < floor else f"p={self.p_value:.2g}"
-    return f"{self.verdict}: {100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}], {p}"
+    return f"p<{floor:.2g}" if self.p_value < floor else f"p={self.p_value:.2g}"
+
+  def diff_text(self) -> str:
+    """"+45.6 [+38.9, +52.2]": the difference and its interval, in points."""
+    return f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+
+  def text(self) -> str:
+    """"helps: +45.6 [+38.9, +52.2], p<0.0001"."""
+    return f"{self.verdict}: {self.diff_text()}, {self.p_text()}"
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
