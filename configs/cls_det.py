@@ -17,9 +17,9 @@ target; `baseline` is the untrained model. Table 5's trained arms both add the t
 (Trained − Baseline+) is what the related classification data adds. Every arm evaluates the target's whole
 test split. SynthMAT needs its detection subsets (38-50) written and converted:
 
-  python -m medcg.data synth --out data/synthmat --image-size 32 --per-subset 600 --test-per-subset 60 --detection
-  python -m medcg.data convert --src data/synthmat --out data/synthmat_shards --image-size 32
-  python -m medcg.data tokenizer data/synthmat_shards --vocab-size 512 --out data/synthmat_shards/tokenizer-bpe512.json
+  python -m medcg.data synth --out data/synthmat --image_size 32 --per_subset 600 --test_per_subset 60 --detection
+  python -m medcg.data convert --src data/synthmat --out data/synthmat_shards --image_size 32
+  python -m medcg.data tokenizer data/synthmat_shards --vocab_size 512 --out data/synthmat_shards/tokenizer-bpe512.json
 
 (convert keeps the classification subsets it already holds; delete an older tokenizer-bpe512.json first so the
 BPE also learns the box answers.) One run, the sweep, and the table beside the paper:

@@ -17,9 +17,9 @@ Every experiment config (`configs/cg_table3.py`, ...) takes the same run args be
 
 SynthMAT shards that match the synth defaults:
 
-  python -m medcg.data synth --out data/synthmat --image-size 32 --per-subset 600 --test-per-subset 60
-  python -m medcg.data convert --src data/synthmat --out data/synthmat_shards --image-size 32
-  python -m medcg.data tokenizer data/synthmat_shards --vocab-size 512
+  python -m medcg.data synth --out data/synthmat --image_size 32 --per_subset 600 --test_per_subset 60
+  python -m medcg.data convert --src data/synthmat --out data/synthmat_shards --image_size 32
+  python -m medcg.data tokenizer data/synthmat_shards --vocab_size 512
 
 Sizes. data=synth counts every classification subset at `synth_train` and scales the paper's numbers by
 `synth_train / 3000` (cap 3,000 -> 600, scaling total 15,000 -> 3,000, Fig. 6's 2,000 target samples -> 400).
@@ -77,7 +77,7 @@ FROZEN_TOWERS = ("(vision|text)/.*",)
 
 
 def corpus_tokenizer_path(shards_dir: str) -> str:
-  """Where `python -m medcg.data tokenizer DIR --vocab-size CORPUS_VOCAB` writes the BPE tokenizer."""
+  """Where `python -m medcg.data tokenizer DIR --vocab_size CORPUS_VOCAB` writes the BPE tokenizer."""
   return os.path.join(shards_dir, f"tokenizer-bpe{CORPUS_VOCAB}.json")
 
 

@@ -14,7 +14,8 @@ A recipe changes partitioning and recompute only (mesh, remat, accum_steps): the
 loss and gradients whatever the recipe (medcg.train.step), so runs on different hardware stay comparable. GPU
 recipes may also set XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75 % of a card by default); the trainer
 does not set environment variables, so `env` is printed by medcg.compile and experiments/aot_fit for the launch
-command. `get_config("llava-1.5-7b@v5p-8")` is the Table 3 row-15 Med-MAT run with that recipe.
+command. This module is the table only (configs/common.py imports it for `hw=`); `configs/fit.py:MODEL@TARGET`
+is the runnable config of one recipe.
 """
 from __future__ import annotations
 
@@ -69,11 +70,3 @@ def apply(config: ml_collections.ConfigDict, model: str, target: str, *,
   config.hardware.target = target
   config.hardware.env = ml_collections.ConfigDict(dict(r.get("env", {})))
   return config
-
-
-def get_config(arg: str | None = None, *, allow_misses: bool = False) -> ml_collections.ConfigDict:
-  """`MODEL@TARGET` (default llava-1.5-7b@v5p-8): Table 3 row 15 on Med-MAT with that recipe."""
-  model, _, target = (arg or "llava-1.5-7b@v5p-8").partition("@")
-  recipe(model, target, allow_misses=allow_misses)
-  from configs import cg_table3
-  return apply(cg_table3.get_config(f"data=medmat,model={model}"), model, target, allow_misses=allow_misses)

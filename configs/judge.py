@@ -22,7 +22,7 @@ An entry is NAME=PATH when the text before its first '=' has no '/' (write ./k=v
 
 Compare with MLLM-Bench V3 (anchor LLaVA-v1.5-13B, judge GPT-4-turbo): GPT-4o win rate 0.90,
 Claude-3 0.83, GPT-4V 0.70 (reference/evaluation.md §1.6). Rerunning the same command replays cached
-judgements (judge_cache.sqlite in the workdir) and only sends what is missing or failed; `--no-cache`
+judgements (judge_cache.sqlite in the workdir) and only sends what is missing or failed; `--no_cache`
 sends everything again.
 """
 from medcg import configlib
@@ -88,6 +88,6 @@ def get_config(arg=None):
 
   c.cache = ml_collections.ConfigDict(dict(
       path="",                # default: <workdir>/judge_cache.sqlite
-      read=True,              # False (or --no-cache): send every call again; replies still refresh it
+      read=True,              # False (or --no_cache): send every call again; replies still refresh it
   ))
   return c

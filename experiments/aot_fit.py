@@ -26,6 +26,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from configs import fit  # noqa: E402
 from configs import hardware  # noqa: E402
 from medcg import fileio  # noqa: E402
 from medcg.aot import report as report_lib  # noqa: E402
@@ -48,7 +49,7 @@ def kernel_config():
 def row_config(model: str, target: str):
   if (model, target) == KERNEL_ROW:
     return kernel_config()
-  return hardware.get_config(f"{model}@{target}", allow_misses=True)
+  return fit.get_config(f"{model}@{target}", allow_misses=True)
 
 
 def summarize(model: str, target: str, rep: dict[str, Any], wall_s: float) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """What the persistent compilation cache saves: the demo's three arms with the cache off, cold and warm.
 
-    python -m experiments.bench_compile_cache [--synth-train 12 --synth-test 4 --epochs 1] [--out experiments/results/bench_compile_cache]
+    python -m experiments.bench_compile_cache [--synth_train 12 --synth_test 4 --epochs 1] [--out experiments/results/bench_compile_cache]
 
 One run of the script, three conditions side by side (the machines are noisy, so compare the ratios):
   off   MEDCG_COMPILATION_CACHE=off: every process compiles everything;
@@ -13,7 +13,8 @@ untrained Baseline has no step) and the process's wall time (from sweep.log's st
 """
 from __future__ import annotations
 
-import argparse
+
+from medcg import errors
 import json
 import os
 import platform
@@ -29,9 +30,9 @@ CONDITIONS = ("off", "cold", "warm")
 
 def _demo(args, workdir: str, data: str, cache: str) -> float:
   env = dict(os.environ, MEDCG_COMPILATION_CACHE=cache, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "medcg.demo", "--workdir", workdir, "--data-dir", os.path.join(data, "raw"),
-         "--shards", os.path.join(data, "shards"), "--format", "array_record", "--synth-train",
-         str(args.synth_train), "--synth-test", str(args.synth_test), "--epochs", str(args.epochs)]
+  cmd = [sys.executable, "-m", "medcg.demo", "--workdir", workdir, "--data_dir", os.path.join(data, "raw"),
+         "--shards", os.path.join(data, "shards"), "--format", "array_record", "--synth_train",
+         str(args.synth_train), "--synth_test", str(args.synth_test), "--epochs", str(args.epochs)]
   t = time.perf_counter()
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   if proc.returncode:
@@ -51,9 +52,9 @@ def _first_step(arm_dir: str) -> float | None:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--synth-train", type=int, default=12)
-  p.add_argument("--synth-test", type=int, default=4)
+  p = errors.ArgumentParser(description=__doc__)
+  p.add_argument("--synth_train", type=int, default=12)
+  p.add_argument("--synth_test", type=int, default=4)
   p.add_argument("--epochs", type=int, default=1)
   p.add_argument("--out", default="", help="write OUT.md and OUT.json")
   a = p.parse_args(argv)

@@ -8,7 +8,7 @@ The records are serialized `tf.train.Example`s with PNG images, read through the
 pipeline (`medcg.data.pipeline.make_train_dataset`). By default they are generated in memory:
 smooth anatomy-like intensity fields with Gaussian noise (`--noise`), which compress and decode like
 the grey-level scans of Med-MAT; `--shards_dir` benchmarks converted shards instead (e.g. SynthMAT).
-Rows "stored S" read images already at the output size (what `convert --image-size` writes); rows
+Rows "stored S" read images already at the output size (what `convert --image_size` writes); rows
 "stored > S" also resize. One process with no reader threads is the per-core number; worker rows
 use grain worker processes (`mp_prefetch`). A stage profile (one process) shows where the time goes.
 
@@ -229,7 +229,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| {p['size']} px | {p['stored_size']} px | "
                  + " | ".join(f"{p['ms'][s]:.3f}" for s in report["stages"]) + " |")
   lines += ["", "What the pipeline does for speed: images are decoded once at the stored size and resized only "
-            "when it differs from `image_size` (`convert --image-size` should match training); normalisation "
+            "when it differs from `image_size` (`convert --image_size` should match training); normalisation "
             "runs per batch on rows of S*3 values with tiled per-channel constants (broadcasting a (3,) "
             "vector over a last axis of 3 was ~5x slower and cost more than the PNG decode); the chat "
             "template's text before the image is tokenized once. The remaining cost at 336 px is Pillow's PNG "

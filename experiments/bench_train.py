@@ -1,7 +1,7 @@
 """Training speed of the real medcg train step: step time, tokens/s, peak memory and MFU, TRIM off / on.
 
     python -m experiments.bench_train                                   # GPU / TPU: bench-1b, bf16
-    python -m experiments.bench_train --preset bench-1b --batch-sizes 8,16,32,auto --steps 10 \
+    python -m experiments.bench_train --preset bench-1b --batch_sizes 8,16,32,auto --steps 10 \
         --trim off,iqr_example,ratio
     JAX_PLATFORMS=cpu python -m experiments.bench_train                 # CPU: the tiny preset, small batches
     JAX_PLATFORMS=cpu python -m experiments.bench_train --loop          # the train loop: synchronous vs async
@@ -11,7 +11,7 @@ tower frozen by the regex `vision/.*`, and with TRIM the CLIP text tower `text/.
 make_optimizer` (AdamW, global-norm clipping), `step.make_train_step`, `jax.jit` with `sharding.param_shardings`
 on a data-parallel mesh and the state donated; bf16 compute with f32 master weights. Batches are random but
 shaped like the pipeline's (DEVELOPING.md): `[bos] head <image>*S text... answer eos pad...`, S = 576 image
-slots (k_max + 1 with TRIM) + --text-len 128 text positions (704 for bench-1b), rows right-padded to a random
+slots (k_max + 1 with TRIM) + --text_len 128 text positions (704 for bench-1b), rows right-padded to a random
 real length, the loss on the 3 answer tokens.
 
 TRIM modes: `off`; `iqr_example` (per-example IQR rule, k_max = half the patches: 288 of 576); `ratio`
@@ -28,7 +28,7 @@ largest that ran. On CPU the preset shrinks to `tiny` at small batches and the o
 Writes experiments/results/bench_train_<device>.json and .md atomically and prints a rich table.
 
 `--loop` measures the train loop instead of the step: the real `medcg.train.trainer.train` on SynthMAT shards
-(built in a temporary directory unless --shards), its log windows (--log-every steps each) alternating between the
+(built in a temporary directory unless --shards), its log windows (--log_every steps each) alternating between the
 loop as it was before it went asynchronous (the host waits for every step's loss, `float(loss)`, before it reads
 and stages the next batch; the trainer's benchmark switch `_WAIT_EACH_STEP`) and the loop as it is (losses read
 back at log steps, the next batch staged while the step runs). The switch flips in the trainer's evaluation hook
@@ -71,6 +71,7 @@ from rich.console import Console
 from rich.table import Table
 
 from configs import models
+from medcg import errors
 from medcg import fileio
 from medcg.kernels import trim_common
 from medcg.model import vlm as vlm_lib
@@ -138,7 +139,7 @@ def make_batch(cfg, slots: int, text_len: int, batch: int, rng: np.random.Genera
   """
   min_text = 1 + HEAD_TOKENS + ANSWER_TOKENS + 1
   if text_len < min_text:
-    raise ValueError(f"--text-len={text_len}: needs at least {min_text} positions (bos, template, answer)")
+    raise ValueError(f"--text_len={text_len}: needs at least {min_text} positions (bos, template, answer)")
   seq_len = slots + text_len
   vocab = min(cfg.llm.vocab_size, cfg.image_token_id)
   ids = rng.integers(3, vocab, (batch, seq_len)).astype(np.int32)
@@ -354,7 +355,7 @@ def markdown(report: dict) -> str:
   lines.append("")
   if any(r.get("auto_largest") for r in report["rows"]):
     lines += [f"`*`: the largest batch `auto` found, doubling until XLA reported RESOURCE_EXHAUSTED (an OOM "
-              f"row) or the batch passed --max-batch {report['max_batch']}.", ""]
+              f"row) or the batch passed --max_batch {report['max_batch']}.", ""]
   lines += [
             "- tokens/s: real tokens (attention_mask sum) per second; eff tok/s: minus the TRIM slots masked out "
             "of attention; pos/s: every position the decoder computes (batch x seq).",
@@ -403,26 +404,26 @@ def _device_slug(backend: str, kind: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__.split("\n")[0])
+  p = errors.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__.split("\n")[0])
   p.add_argument("--preset", default=None, help="model preset (default bench-1b; CPU: tiny)")
-  p.add_argument("--batch-sizes", default=None,
+  p.add_argument("--batch_sizes", default=None,
                  help="comma list of global batch sizes and/or 'auto' (default 8,16,auto; CPU: one per device)")
   p.add_argument("--steps", type=int, default=None, help="timed steps per row, median reported (default 10; CPU 2)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
   p.add_argument("--trim", default="off,iqr_example,ratio", help=f"comma list of {', '.join(TRIM_MODES)}")
-  p.add_argument("--text-len", type=int, default=None, help="text positions besides the image slots (default 128)")
+  p.add_argument("--text_len", type=int, default=None, help="text positions besides the image slots (default 128)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
   p.add_argument("--remat", default="none", help="per-layer remat policy (none, full, dots_saveable, ...)")
   p.add_argument("--devices", type=int, default=0, help="use the first N devices (default all)")
   p.add_argument("--mesh", default="dp", choices=sorted(shd.MESH_PRESETS), help="mesh preset (sharding.py)")
-  p.add_argument("--max-batch", type=int, default=None, help="cap for 'auto' (default 1024; CPU 4 x devices)")
+  p.add_argument("--max_batch", type=int, default=None, help="cap for 'auto' (default 1024; CPU 4 x devices)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--profile-dir", default=None,
+  p.add_argument("--profile_dir", default=None,
                  help="trace the timed steps of every row with jax.profiler into DIR/<trim>_b<batch>")
   p.add_argument("--out", default=RESULTS, help="directory for bench_train_<device>.json / .md")
   p.add_argument("--loop", action="store_true",
                  help="benchmark the trainer's loop, synchronous vs asynchronous (bench_train_loop_<device>.*)")
-  p.add_argument("--log-every", type=int, default=10, help="--loop: train.log_every, the sync interval")
+  p.add_argument("--log_every", type=int, default=10, help="--loop: train.log_every, the sync interval")
   p.add_argument("--windows", type=int, default=6,
                  help="--loop: timed log windows of each loop per run, alternating (after 2 warm-up ones)")
   p.add_argument("--repeats", type=int, default=2, help="--loop: trainer runs (alternating which loop goes first)")
@@ -430,7 +431,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="--loop: SynthMAT shards with subsets 05 and 28 (24 train samples each); default: built")
   args = p.parse_args(argv)
   if args.log_every < 1 or args.windows < 1 or args.repeats < 1:
-    p.error("--log-every, --windows and --repeats must be >= 1")
+    p.error("--log_every, --windows and --repeats must be >= 1")
   if args.steps is not None and args.steps < 1:
     p.error(f"--steps={args.steps}: need at least one timed step")
   if args.devices < 0 or args.devices > jax.device_count():
@@ -449,9 +450,9 @@ def _batch_plan(text: str, dp: int) -> tuple[list[int], bool]:
     try:
       b = int(item)
     except ValueError:
-      raise ValueError(f"--batch-sizes: {item!r} is neither an integer nor 'auto'") from None
+      raise ValueError(f"--batch_sizes: {item!r} is neither an integer nor 'auto'") from None
     if b < 1 or b % dp:
-      raise ValueError(f"--batch-sizes: {b} is not a positive multiple of the data-parallel size {dp}")
+      raise ValueError(f"--batch_sizes: {b} is not a positive multiple of the data-parallel size {dp}")
     sizes.append(b)
   return sorted(set(sizes)), auto
 
@@ -558,8 +559,8 @@ def build_shards(root: str) -> str:
   synth.write_synthmat(os.path.join(root, "raw"), image_size=32, per_subset=24, test_per_subset=4, seed=0,
                        subsets=[5, 28], progress=False)
   out = os.path.join(root, "shards")
-  data_main(["convert", "--src", os.path.join(root, "raw"), "--out", out, "--image-size", "32",
-             "--format", "array_record", "--no-progress"])
+  data_main(["convert", "--src", os.path.join(root, "raw"), "--out", out, "--image_size", "32",
+             "--format", "array_record", "--no_progress"])
   return out
 
 

@@ -161,14 +161,14 @@ stage trim_prefill 95 "$PY" -m experiments.bench_trim --nokernel_part --notrain_
   --prefill_preset=llava-1.5-7b --prefill_batches=1,8 --out="$WORK/bench_trim_prefill"
 
 # 3. bench_train: the real step's MFU with TRIM off (target 45 %), then TRIM on at one batch.
-stage train_off 90 "$PY" -m experiments.bench_train --preset bench-1b --trim off --batch-sizes 16,32 \
+stage train_off 90 "$PY" -m experiments.bench_train --preset bench-1b --trim off --batch_sizes 16,32 \
   --steps 5 --warmup 1 --out "$WORK/bench_train_off"
-stage train_trim 65 "$PY" -m experiments.bench_train --preset bench-1b --trim iqr_example,ratio --batch-sizes 32 \
+stage train_trim 65 "$PY" -m experiments.bench_train --preset bench-1b --trim iqr_example,ratio --batch_sizes 32 \
   --steps 5 --warmup 1 --out "$WORK/bench_train_trim"
 # 3b. The async-vs-sync loop comparison (`bench_train --loop`) runs the real trainer on SynthMAT shards, which
 # this image cannot build (no TensorFlow for the converter): build them here, put them in a carried folder and
 # pass --shards; take its ~40 s from train_off / train_trim to stay inside 470 s. Off by default:
-# stage train_loop 40 "$PY" -m experiments.bench_train --loop --batch-sizes 8,32 --shards .gpu_shards \
+# stage train_loop 40 "$PY" -m experiments.bench_train --loop --batch_sizes 8,32 --shards .gpu_shards \
 #   --out "$WORK/bench_train_loop"
 
 # 4. medcg.compile --measure: one real step on this GPU, measured peak vs the compiler's prediction.

@@ -11,7 +11,6 @@ OUT may be gs://BUCKET/..., as the sweep's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import sys
 from typing import Any, Sequence
 
 from experiments import sweep
+from medcg import errors
 from medcg import fileio
 
 _OPTION = re.compile(r"^([A-D]): (.*)$", re.MULTILINE)
@@ -58,7 +58,7 @@ def final_samples(workdir: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__)
   p.add_argument("--config", required=True, help="configs/x.py[:base args], as given to experiments.sweep")
   p.add_argument("--root", default="runs")
   p.add_argument("--out", default="", help="write OUT.md and OUT.json")

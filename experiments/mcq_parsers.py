@@ -17,7 +17,6 @@ the comparison needs no install of either toolkit. They stay here, not under med
 """
 from __future__ import annotations
 
-import argparse
 import copy as cp
 import datetime
 import json
@@ -33,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medcg import errors
 from medcg.eval import mcq
 
 OUTCOMES = ("agree", "wrong_letter", "unparsed", "random_guess")
@@ -452,7 +452,7 @@ def _machine() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(description=__doc__)
   p.add_argument("--table", default=TABLE, help="hand-graded JSONL table")
   p.add_argument("--out", default="", help="write OUT.md and OUT.json")
   p.add_argument("--seed", type=int, default=0, help="seed of lmms-eval's random pick")

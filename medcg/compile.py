@@ -2,7 +2,7 @@
 
     python -m medcg.compile --config configs/cg_table3.py:data=medmat,model=llava-1.5-7b --target v5p-8
     python -m medcg.compile --config configs/cg_table3.py:data=medmat,model=llava-1.5-13b --target v5e-16 --search
-    python -m medcg.compile --config configs/hardware.py:llava-1.5-7b@h100x8 --target h100x8 --json fit.json
+    python -m medcg.compile --config configs/fit.py:llava-1.5-7b@h100x8 --target h100x8 --json fit.json
     python -m medcg.compile --config ... --target h200x1 --measure      # on an H200: also run one real step
 
 The trainer's own step (medcg.train.state) is lowered from abstract shapes on the target's devices (libtpu's
@@ -14,7 +14,8 @@ custom calls (TRIM kernels). `--config.mesh.*`, `--config.train.accum_steps`, `-
 override the recipe as in medcg.train. Targets: see `medcg.aot.targets.TARGETS`.
 
 Exit status: 0 when the train step fits (or the report was written for a target without a memory limit),
-1 when it does not fit, 2 for a usage error (unknown target, mesh vs device count, missing backend).
+1 when it does not fit, 2 for a usage error (unknown target, mesh vs device count, missing backend), printed as
+one line `medcg.compile: error: ...` (`--verbose` or MEDCG_VERBOSE=1 adds its traceback).
 """
 from __future__ import annotations
 
@@ -58,8 +59,12 @@ flags.DEFINE_bool("eval", True, "Also compile the evaluation (multiple-choice sc
 flags.DEFINE_bool("flops", True, "Reconcile compiler FLOPs with model_flops (two small extra compiles).")
 flags.DEFINE_bool("measure", False, "Run one real step on this host's accelerator (the target's kind) and "
                   "compare its measured peak memory with the compiler's.")
+from medcg import errors  # pylint: disable=wrong-import-position
+
+errors.define_verbose_flag()
 flags.mark_flags_as_required(["config", "target"])
 FLAGS = flags.FLAGS
+PROG = "medcg.compile"
 
 
 def main(argv):
@@ -70,7 +75,6 @@ def main(argv):
   from medcg.aot import search as search_lib
   from medcg.aot import step_compile
   from medcg.aot import targets
-  from medcg.errors import report
   from medcg import fileio
   try:
     target = targets.get(FLAGS.target)
@@ -98,12 +102,13 @@ def main(argv):
       fileio.atomic_write_json(FLAGS.json, report_lib.jsonable(result))
       print(f"medcg.compile: wrote {FLAGS.json}")
   except Exception as e:  # the user's to fix: one line; anything else is a bug and keeps its traceback
-    if not report(e, "medcg.compile: error"):
+    status = errors.exit_status(e, PROG)
+    if status is None:
       raise
-    sys.exit(2)
+    sys.exit(status)
   fits = result.get("train", {}).get("fits")
   sys.exit(1 if fits is False else 0)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.absl_flags_parser(PROG))

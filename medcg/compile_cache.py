@@ -13,6 +13,7 @@ A gs:// folder works too (JAX writes through etils.epath), for pods that share a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 ENV = "MEDCG_COMPILATION_CACHE"
@@ -52,3 +53,17 @@ def enable(path: str | None = None) -> str | None:
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   return folder
+
+
+@contextlib.contextmanager
+def not_written():
+  """Compiles inside write no cache entries (reads still hit). For deviceless (compile-only) TPU and GPU
+  compiles: their executables cannot be loaded back without the device ("PjRtCompiler must be constructed
+  with a Client"), so an entry would only make the next process warn when it reads it."""
+  import jax
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+  try:
+    yield
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)

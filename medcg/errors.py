@@ -92,8 +92,24 @@ def exit_status(e: BaseException, prog: str, *, verbose_: bool | None = None) ->
   return USAGE_EXIT
 
 
+def underscore_name(option: str) -> str:
+  """`--image_size` -> `--image_size`: the one spelling of a long flag (absl's, as big_vision and MaxText)."""
+  return "--" + option[2:].replace("-", "_") if option.startswith("--") else option
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """The description as written, every option with its default (unless None / False, or its help names one)."""
+  """The description as written, every option with its default (unless None / False, or its help names one);
+  an option is listed by its underscore name only (its dashed alias still parses)."""
+
+  def _format_action_invocation(self, action):
+    strings = action.option_strings
+    shown = [o for o in strings if not ("-" in o[2:] and o.startswith("--") and underscore_name(o) in strings)]
+    if shown == strings:
+      return super()._format_action_invocation(action)
+    import copy
+    action = copy.copy(action)
+    action.option_strings = shown
+    return super()._format_action_invocation(action)
 
   def _get_help_string(self, action):
     text = action.help or ""
@@ -106,7 +122,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ArgumentParser(argparse.ArgumentParser):
   """argparse with the convention: defaults in --help, a usage error in one line (exit 2), `--verbose`.
 
-  An option with a default but no help text still shows its default in --help.
+  Long options are spelled with underscores (`--image_size`), as absl's flags in medcg.train / medcg.eval are;
+  the dashed spelling (`--image_size`) is accepted too, as it is by those commands. An option with a default but
+  no help text still shows its default in --help.
   """
 
   def __init__(self, *args, verbose_flag: bool = True, **kwargs):
@@ -117,6 +135,11 @@ class ArgumentParser(argparse.ArgumentParser):
                         help=f"print a user error's traceback too (or set {VERBOSE_ENV}=1)")
 
   def add_argument(self, *args, **kwargs):
+    if args and all(a.startswith("--") for a in args):
+      names = []
+      for name in map(underscore_name, args):  # the underscore name first (argparse's dest and --help come from it)
+        names += [name, "--" + name[2:].replace("_", "-")]
+      args = tuple(dict.fromkeys(names))
     default = kwargs.get("default")
     if args and args[0].startswith("-") and kwargs.get("help") is None and not (
         default is None or default is False or default is argparse.SUPPRESS):
@@ -195,6 +218,21 @@ def _unwrap_flag_error(e: BaseException) -> str:
   return " ".join(one_line(e).split())
 
 
+def dashes_to_underscores(argv: Sequence[str]) -> list[str]:
+  """An absl `prepare` step: `--batch-size 8` means `--batch_size 8` (absl flag names use underscores), so every
+  medcg command takes both spellings. Only flag names change: values, and a `--config.a.b=v` key, are left."""
+  fixed = [argv[0]]
+  for arg in argv[1:]:
+    if arg == "--":  # absl: everything after it is positional
+      fixed += argv[len(fixed):]
+      break
+    if arg.startswith("--") and not arg.startswith("---") and not arg.startswith("--config."):
+      name, eq, value = arg[2:].partition("=")
+      arg = "--" + name.replace("-", "_") + eq + value
+    fixed.append(arg)
+  return fixed
+
+
 def define_verbose_flag() -> None:
   """absl's `--verbose`: a user error prints its traceback too (as MEDCG_VERBOSE=1)."""
   from absl import flags
@@ -203,7 +241,7 @@ def define_verbose_flag() -> None:
                     module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
-def absl_flags_parser(prog: str, prepare: Callable[[list[str]], list[str]] | None = None
+def absl_flags_parser(prog: str, prepare: Callable[[list[str]], list[str]] | None = dashes_to_underscores
                       ) -> Callable[[list[str]], Any]:
   """A `flags_parser` for `absl.app.run` with the convention: --help (the module's flags and their defaults)
   exits 0; a bad flag, a missing required one or an unknown `--config.x` override is one line, exit 2.

@@ -25,7 +25,7 @@ from medcg import fileio
 from medcg import mat
 from medcg.errors import ConfigError, UserError
 
-# `python -m medcg.data tokenizer DIR --vocab-size V` writes DIR/tokenizer-bpe<V>.json.
+# `python -m medcg.data tokenizer DIR --vocab_size V` writes DIR/tokenizer-bpe<V>.json.
 _CORPUS_TOKENIZER = re.compile(r"tokenizer-bpe(\d+)\.json")
 _FILE_KINDS = ("hf", "sentencepiece")  # tokenizer kinds that read a file ("byte" needs none)
 
@@ -197,21 +197,21 @@ def _commands(dd: _Dir, *, rebuild: bool, tokenizer: bool, synth_src: str | None
       train_default, test_default = _synth_defaults()
       counts = lambda split: [n for (_, sp), n in dd.needed.items() if sp == split and n > 1]
       src = synth_src or source_root or _synth_src_for(dd.path)
-      cmd = ["python", "-m", "medcg.data", "synth", "--out", src, "--image-size", size,
-             "--per-subset", str(max(counts("train") or [train_default])),
-             "--test-per-subset", str(max(counts("test") + [synth_test or test_default]))]
+      cmd = ["python", "-m", "medcg.data", "synth", "--out", src, "--image_size", size,
+             "--per_subset", str(max(counts("train") or [train_default])),
+             "--test_per_subset", str(max(counts("test") + [synth_test or test_default]))]
       if any(s in mat.DETECTION_SUBSETS for s, _ in dd.needed):
         cmd.append("--detection")
       out.append(shlex.join(cmd))
     else:
       src = source_root or "MED_MAT_RELEASE_ROOT"
-    cmd = ["python", "-m", "medcg.data", "convert", "--src", src, "--out", dd.path, "--image-size", size]
+    cmd = ["python", "-m", "medcg.data", "convert", "--src", src, "--out", dd.path, "--image_size", size]
     if dd.manifest is not None and dd.manifest.format != "tfrecord":
       cmd += ["--format", dd.manifest.format]  # the same format, so kept subsets are not rebuilt
     out.append(shlex.join(cmd))
   vocab = next((t.vocab for t in dd.tokenizers.values() if t.vocab), None)
   if tokenizer and vocab:
-    out.append(shlex.join(["python", "-m", "medcg.data", "tokenizer", dd.path, "--vocab-size", str(vocab)]))
+    out.append(shlex.join(["python", "-m", "medcg.data", "tokenizer", dd.path, "--vocab_size", str(vocab)]))
   return out
 
 

@@ -16,6 +16,7 @@ HELP = [
     ("medcg.judge", ["--config", "--label_policy", "--verbose"]),
     ("medcg.demo", ["--workdir", "--seeds", "(default: 1)", "--verbose"]),
     ("experiments.sweep", ["--config", "--launcher", "(default: print)", "--verbose"]),
+    ("medcg.compile", ["--config", "--target", "--verbose"]),
 ]
 
 
@@ -31,6 +32,7 @@ BAD = [
      "/nonexistent/ref.jsonl"),
     ("medcg.demo", ["--seeds", "0", "--workdir", "{tmp}/d"], "--seeds"),
     ("experiments.sweep", ["--config", "configs/nonexistent.py"], "configs/nonexistent.py"),
+    ("medcg.compile", ["--config", "configs/demo.py", "--target", "bogus"], "--target='bogus' is not a known target"),
 ]
 
 
@@ -77,3 +79,31 @@ def test_verbose_shows_the_traceback(tmp_path):
           verbose=True)  # absl: MEDCG_VERBOSE=1 (or --verbose)
   assert r.returncode == 2 and "Traceback" in r.stderr, r.stderr[-3000:]
   assert r.stderr.rstrip().splitlines()[-1].startswith("medcg.train: error: --config.train.lrr: no such key")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One flag spelling: underscores (absl's, as big_vision and MaxText), with the dashed spelling accepted too.
+def test_argparse_commands_list_underscore_flags_and_take_both_spellings():
+  from medcg import errors
+  p = errors.ArgumentParser(prog="x")
+  p.add_argument("--image-size", type=int, default=3)
+  p.add_argument("--no_progress", action="store_true")
+  assert p.parse_args(["--image_size", "4"]).image_size == 4
+  assert p.parse_args(["--image-size", "5", "--no-progress"]).no_progress
+  text = p.format_help()
+  assert "--image_size IMAGE_SIZE" in text and "--image-size" not in text and "--no-progress" not in text
+  for module, args in (("medcg.data", ["synth", "--help"]), ("medcg.demo", ["--help"]),
+                       ("experiments.sweep", ["--help"])):
+    r = run(module, args)
+    assert r.returncode == 0 and "_" in r.stdout, r.stderr[-2000:]
+    dashed = [w for w in r.stdout.split() if w.startswith("--") and "-" in w[2:].split("=")[0]]
+    assert not dashed, (module, dashed)
+
+
+def test_absl_commands_take_dashed_flags_too():
+  from medcg import errors
+  argv = ["prog", "--batch-size=8", "--likelihood-target", "text-x", "--config.a_b.c=x-y", "--", "--x-y"]
+  assert errors.dashes_to_underscores(argv) == [
+      "prog", "--batch_size=8", "--likelihood_target", "text-x", "--config.a_b.c=x-y", "--", "--x-y"]
+  r = run("medcg.eval", ["--workdir", "/nonexistent", "--batch-size", "8"])  # parsed: the error is the workdir's
+  assert r.returncode == 2 and "/nonexistent" in r.stderr and "Unknown command line flag" not in r.stderr, r.stderr

@@ -1,9 +1,11 @@
 """The persistent compilation cache: where it goes, how to turn it off, and that a second process hits it."""
+import importlib.util
 import os
 import subprocess
 import sys
 
 import jax
+import pytest
 
 from medcg import compile_cache
 
@@ -67,3 +69,33 @@ def test_a_second_process_loads_the_first_ones_program(tmp_path):
   off = subprocess.run([sys.executable, "-c", PROGRAM], env=dict(env, MEDCG_COMPILATION_CACHE="off"), check=True,
                        cwd=ROOT, capture_output=True, text=True)
   assert "hits 0" in off.stdout
+
+
+DEVICELESS = """
+import numpy as np
+import jax, jax.numpy as jnp
+from medcg import compile_cache
+from medcg.aot import step_compile, targets
+compile_cache.enable()
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+devs = targets.devices(targets.get("v5e-4"))
+mesh = jax.sharding.Mesh(np.array(devs), ("x",))
+s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+x = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=s)
+r = step_compile._compile("f", lambda: jax.jit(lambda a: jnp.tanh(a @ a.T)).lower(x))
+assert r.compiled is not None
+jax.jit(lambda a: jnp.tanh(a @ a.T))(jnp.ones((64, 64)))  # a CPU program: still written
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_deviceless_compiles_write_no_entries_a_later_process_cannot_load(tmp_path):
+  cache = tmp_path / "cache"
+  env = dict(os.environ, MEDCG_COMPILATION_CACHE=str(cache), PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  for _ in range(2):  # the second would warn "Error reading persistent compilation cache entry" on a TPU entry
+    proc = subprocess.run([sys.executable, "-c", DEVICELESS], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Error reading persistent compilation cache" not in proc.stderr, proc.stderr[-3000:]
+  assert len(list(cache.iterdir())) >= 1  # the CPU program's entry: the cache itself stayed on

@@ -490,3 +490,16 @@ def test_qwen_presets_build_with_their_published_sizes():
   for name, total in (("qwen2-vl-7b", 8.29e9), ("qwen2.5-vl-7b", 8.29e9), ("qwen2.5-vl-3b", 3.75e9)):
     assert abs(sum(counts[name].values()) - total) / total < 0.01, (name, counts[name])
   assert abs(counts["qwen2-vl-7b"]["vision"] - 0.631e9) / 0.631e9 < 0.02, counts  # 675M with the merger
+
+
+def test_fit_config_is_table3_row15_with_one_recipe():
+  fit = _module("fit")
+  c = fit.get_config("llava-1.5-7b@h200x1")
+  assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.train.accum_steps) == (1, 1, 1, 8)
+  assert c.hardware.target == "h200x1" and c.hardware.env.XLA_PYTHON_CLIENT_MEM_FRACTION == "0.95"
+  assert c.experiment.row == 15
+  with pytest.raises(ValueError, match="no fit recipe for llava-1.5-7b on v9-1"):
+    fit.get_config("llava-1.5-7b@v9-1")
+  with pytest.raises(ValueError, match="use hw=v5e-32"):  # the compiler showed it cannot fit
+    fit.get_config("llava-1.5-13b@v5e-16")
+  assert fit.get_config("llava-1.5-13b@v5e-16", allow_misses=True).mesh.fsdp == 16  # experiments/aot_fit

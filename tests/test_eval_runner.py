@@ -7,6 +7,7 @@ batches; batch 3 does not divide the mesh and runs replicated, 8 and 16 run shar
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,8 +238,6 @@ def test_mixture_flag():
                      ("3:test:0", "positive"), (",", "no entries")]:
     with pytest.raises(ValueError, match=match):
       eval_cli.parse_mixture_flag(bad)
-  assert eval_cli._dashes_to_underscores(["p", "--batch-size=3", "--mode", "generate"]) == \
-      ["p", "--batch_size=3", "--mode", "generate"]
 
 
 def test_cli_on_a_workdir(run_dir, tmp_path):
@@ -250,6 +249,9 @@ def test_cli_on_a_workdir(run_dir, tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "subset 28" in proc.stdout and "unparsed" in proc.stdout
+  assert proc.stdout.rstrip().splitlines()[-1] == f"wrote {out}"  # one line, however long the path
+  assert "1/1 [" in proc.stderr  # the bar knows its total: 5 samples in one batch of 8
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[:2000]  # no absl/orbax INFO lines
   results = metrics.load_results(out)
   assert results["overall"]["n"] == 5 and results["eval"]["mode"] == "generate"
   assert results["checkpoint"]["step"] == 2 and results["checkpoint"]["source"] == "checkpoint"
@@ -425,3 +427,18 @@ def test_tiny_model_learns_to_answer_with_a_box(tmp_path):
   result = trainer.train(c, str(tmp_path / "run"), evaluate_fn=runner.make_trainer_hook(c, str(tmp_path / "run"),
                                                                                       tokenizer))
   assert result.metrics["eval/detection_parse_failure_rate"] <= 0.5, result.metrics
+
+
+def test_summary_labels_a_cg_runs_subsets_by_role_and_fits_80_columns(loaded, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("COLUMNS", "80")
+  results, _, out = _evaluate(loaded, tmp_path, "likelihood", 8)
+  eval_cli.print_summary(results, str(out))  # a multitask-style run: the paper's ID / OOD status
+  plain = capsys.readouterr().out
+  assert " status " in plain and "held out" not in plain
+  target = int(next(iter(results["per_subset"])))
+  cg = dict(results, config={"experiment": {"name": "cg_table3", "table": 3, "row": 1, "target": target}})
+  eval_cli.print_summary(cg, str(out))
+  text = capsys.readouterr().out
+  assert " role " in text and "target (held out)" in text
+  assert max(len(line) for line in text.splitlines()[:-1]) <= 80  # the table; the last line is the path
+  assert text.rstrip().splitlines()[-1] == f"wrote {out}"

@@ -60,6 +60,9 @@ def test_two_conversions_of_one_source_are_byte_identical(tmp_path, fmt):
                         "--out", str(tmp_path / out), "--image-size", "16", "--shard-size", "4", "--format", fmt,
                         "--no-progress"], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    # Quiet: no tfds "Downloading and preparing ..." / "... downloaded and prepared" lines, no TF C++ INFO logs.
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"converted 2 subsets to {tmp_path / out}: train 12, test "), lines
   a, b = _shard_digests(tmp_path / "a"), _shard_digests(tmp_path / "b")
   assert a == b and len(a) >= 4  # at least 2 subsets x (train, test)
   for rel in a:

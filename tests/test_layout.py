@@ -1,4 +1,4 @@
-"""The import graph of medcg/ has no cycle (DEVELOPING.md: Architecture).
+"""The import graph of medcg/, configs/ and experiments/ has no cycle (DEVELOPING.md: Architecture).
 
 Every `import` / `from ... import` of a medcg module counts, at the top level or inside a function: a lazy import
 hides a cycle from Python, not from the layering. A name imported from a package counts as its submodule when
@@ -10,13 +10,20 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "medcg"
+PACKAGES = ("medcg", "configs", "experiments")  # medcg.demo and medcg.preflight import configs
 
 
 def module_files(root: str = ROOT) -> dict[str, str]:
-  """Module name -> file, for every .py under medcg/ (`pkg/__init__.py` is `pkg`)."""
+  """Module name -> file, for every .py under the packages (`pkg/__init__.py` is `pkg`)."""
   out = {}
-  for dirpath, dirnames, filenames in os.walk(os.path.join(root, PACKAGE)):
+  for package in PACKAGES:
+    out.update(_package_files(root, package))
+  return out
+
+
+def _package_files(root: str, package: str) -> dict[str, str]:
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(os.path.join(root, package)):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
     for name in sorted(filenames):
       if not name.endswith(".py"):
@@ -94,6 +101,7 @@ def test_graph_is_read():
   graph = import_graph()
   assert "medcg.train.trainer" in graph and "medcg.eval.runner" in graph
   assert "medcg.eval.metrics" in graph["medcg.eval.runner"]  # `from medcg.eval import metrics` is the submodule
+  assert "configs.hardware" in graph["configs.common"] and "configs.cg_table3" in graph["configs.fit"]
 
 
 def test_no_import_cycle():

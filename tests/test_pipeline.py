@@ -251,6 +251,7 @@ def test_eval_each_sample_once_padded(shards_dir, process_count):
               for i in range(process_count)]
   n_batches = pipeline.eval_num_batches(11, 4, process_count)
   assert all(len(b) == n_batches for b in per_host)
+  assert pipeline.eval_batch_count(cfg, process_count=process_count) == n_batches  # the eval bar's total
   real = [s for batches in per_host for b in batches for s, v in zip(b["sample_id"], b["valid"]) if v]
   assert len(real) == 11 and len(set(real)) == 11
   assert sorted(s for s in real if s.startswith("Subset--05")) == sorted(records_by_id(shards_dir, 5, "test"))

@@ -1,9 +1,9 @@
 """Command line for Med-MAT data: `python -m medcg.data {synth,convert,inspect} ...`.
 
-  python -m medcg.data synth --out /data/synthmat --image-size 64 --per-subset 200 [--detection]
-  python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image-size 64
+  python -m medcg.data synth --out /data/synthmat --image_size 64 --per_subset 200 [--detection]
+  python -m medcg.data convert --src /data/synthmat --out /data/medmat_shards --image_size 64
   python -m medcg.data inspect /data/medmat_shards [--json | --wide] [--verify]
-  python -m medcg.data tokenizer /data/medmat_shards --vocab-size 512   (BPE for from-scratch models)
+  python -m medcg.data tokenizer /data/medmat_shards --vocab_size 512   (BPE for from-scratch models)
 
 `convert --out`, `inspect` and `tokenizer` also take `gs://bucket/prefix` (`convert` builds in a local
 `--staging` directory and uploads, manifest.json last); `convert --src` and `synth --out` are local only.
@@ -172,12 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   p = sub.add_parser("synth", help="write SynthMAT (release layout, schema A JSON + PNGs)")
   p.add_argument("--out", required=True)
-  p.add_argument("--image-size", type=_positive, default=64)
-  p.add_argument("--per-subset", type=_positive, default=300, help="train samples per subset")
-  p.add_argument("--test-per-subset", type=int, default=60,
+  p.add_argument("--image_size", type=_positive, default=64)
+  p.add_argument("--per_subset", type=_positive, default=300, help="train samples per subset")
+  p.add_argument("--test_per_subset", type=int, default=60,
                  help="test samples per subset (rounded down to a multiple of the label count)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no_progress", action="store_true")
   p.add_argument("--subsets", type=_subset_list, default=None,
                  help="comma-separated ids (default: 1-37); detection ids 38-50 are allowed")
   p.add_argument("--detection", action="store_true",
@@ -186,12 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = sub.add_parser("convert", help="convert a Med-MAT root into TFDS shards + manifest.json")
   p.add_argument("--src", required=True, help="Med-MAT root (real release or SynthMAT)")
   p.add_argument("--out", required=True)
-  p.add_argument("--shard-size", type=_positive, default=1024, help="records per shard")
-  p.add_argument("--image-size", type=_positive, default=336, help="square image side in pixels")
+  p.add_argument("--shard_size", type=_positive, default=1024, help="records per shard")
+  p.add_argument("--image_size", type=_positive, default=336, help="square image side in pixels")
   p.add_argument("--format", choices=shards_lib.FORMATS, default="tfrecord")
-  p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+  p.add_argument("--on_error", choices=("fail", "skip"), default="fail")
   p.add_argument("--subsets", type=_subset_list, default=None, help="comma-separated ids (default: all found)")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no_progress", action="store_true")
   p.add_argument("--staging", default=None,
                  help="gs:// --out only: the local directory the shards are built in before the upload (default: "
                       "one under the system temp dir named by a hash of --out, so a re-run resumes there)")
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer.json on the shards' prompts")
   p.add_argument("dir", help="a converted shards root")
-  p.add_argument("--vocab-size", type=_positive, default=512)
+  p.add_argument("--vocab_size", type=_positive, default=512)
   p.add_argument("--out", default=None, help="default: DIR/tokenizer-bpe<V>.json")
 
   args = parser.parse_args(argv)
@@ -222,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          progress=not args.no_progress, detection=args.detection)
     print(f"wrote SynthMAT to {args.out}")
   elif args.command == "convert":
+    if not errors.verbose(argv):
+      # TensorFlow's C++ INFO lines (oneDNN, CPU features) say nothing to act on. TF only writes TFRecord
+      # files here (no float math), so oneDNN's kernels are not wanted either; its notice ignores the level.
+      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+      os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from medcg.data import tfds_builder  # imports tfds (and TensorFlow when writing TFRecord)
     kwargs = dict(subsets=args.subsets, image_size=args.image_size, shard_size=args.shard_size, fmt=args.format,
                   on_error=args.on_error, progress=not args.no_progress)

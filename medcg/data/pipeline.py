@@ -445,6 +445,13 @@ def make_eval_dataset(data_cfg, tokenizer: Tokenizer, *, include_answer: bool = 
   return _to_iter(ds, data_cfg)
 
 
+def eval_batch_count(data_cfg, *, process_count: int | None = None, catalog: ShardCatalog | None = None) -> int:
+  """How many batches `make_eval_dataset` yields on every host (a progress bar's total)."""
+  _, process_count = _process(0, process_count)
+  mixture = build_mixture(data_cfg, seed=data_cfg.seed, catalog=catalog)
+  return eval_num_batches(len(mixture), data_cfg.batch_size, process_count)
+
+
 def make_eval_iterator(data_cfg, tokenizer: Tokenizer, **kwargs) -> grain.DatasetIterator:
   """An iterator over `make_eval_dataset` batches (same keyword arguments)."""
   return iter(make_eval_dataset(data_cfg, tokenizer, **kwargs))

@@ -280,7 +280,7 @@ class Manifest:
     return tuple(self._subset(subset)["triplet"])
 
   def skipped(self, subset: int | str | mat.Subset, split: str) -> list[dict[str, Any]]:
-    """Source records left out by `--on-error skip`, each with file, index, field and reason."""
+    """Source records left out by `--on_error skip`, each with file, index, field and reason."""
     return list(self._split(subset, split).get("skipped", []))
 
   def shards(self, subset: int | str | mat.Subset, split: str) -> list[Shard]:

@@ -100,7 +100,7 @@ def encode_square_png(path: str | os.PathLike, size: int) -> bytes:
 
 
 class _RecordsPerShard(tfds.core.utils.shard_utils.ShardConfig):
-  """Shard by record count (`--shard-size`) rather than tfds' byte-size heuristic."""
+  """Shard by record count (`--shard_size`) rather than tfds' byte-size heuristic."""
 
   def __init__(self, records_per_shard: int):
     super().__init__()
@@ -168,6 +168,14 @@ class MedMat(tfds.core.GeneratorBasedBuilder):
     # nothing there, and never removes it: one empty dir per subset per convert.
     info.initialize_from_bucket = lambda: None
     return info
+
+  # tfds prints these two with termcolor to stdout ("Downloading and preparing dataset Unknown size ..."),
+  # two lines per subset that say nothing here: there is no download, and convert reports per subset itself.
+  def _log_download_bytes(self) -> None:
+    logging.debug("building %s in %s", self.builder_config.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.debug("built %s in %s", self.builder_config.name, self.data_dir)
 
   def _example_writer(self) -> tfds_writer.ExampleWriter:
     return _CanonicalExampleWriter(file_format=self.info.file_format)
@@ -368,9 +376,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable
   if fmt not in shards_lib.FORMATS:
     raise ValueError(f"--format must be one of {shards_lib.FORMATS}, not {fmt!r}")
   if on_error not in ("fail", "skip"):
-    raise ValueError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
+    raise ValueError(f"--on_error must be 'fail' or 'skip', not {on_error!r}")
   if image_size < 1 or shard_size < 1:
-    raise ValueError(f"--image-size ({image_size}) and --shard-size ({shard_size}) must be positive")
+    raise ValueError(f"--image_size ({image_size}) and --shard_size ({shard_size}) must be positive")
   src, out = Path(src).resolve(), Path(out).resolve()
   available = medmat.subset_files(src)
   other = [sid for sid in available if sid not in CONVERTIBLE_SUBSETS]
@@ -391,8 +399,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, subsets: Iterable
   if not wanted:
     raise medmat.MedMatError(src, "no Med-MAT subset files found (Aggregated_Subsets/Subset--NN-<split>.json "
                              "or Subset-NN-<split>.json)")
-  if not progress:
-    tfds.disable_progress_bar()
+  # tfds' own bars (one per split, nested under ours) garble the terminal; ours counts subsets.
+  tfds.disable_progress_bar()
   out.mkdir(parents=True, exist_ok=True)
   shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # leftovers of an interrupted run
   for leftover in out.glob(".manifest*.tmp*"):  # fileio's temp names (and older `.tmp-<pid>` ones)

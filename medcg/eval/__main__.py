@@ -1,7 +1,7 @@
 """Evaluate a training run: `python -m medcg.eval --workdir DIR`.
 
-    python -m medcg.eval --workdir runs/row15 [--step N] [--mode generate|likelihood] [--batch-size B]
-        [--mixture 3:test:-1,5:test:100] [--likelihood-target letter|text] [--out DIR]
+    python -m medcg.eval --workdir runs/row15 [--step N] [--mode generate|likelihood] [--batch_size B]
+        [--mixture 3:test:-1,5:test:100] [--likelihood_target letter|text] [--out DIR]
 
 Loads the run's config.json and the params of its checkpoint (the latest unless --step; an untrained
 run gives the initial model), evaluates the mixture (default: config.data.eval_mixture), writes
@@ -87,21 +87,29 @@ def default_out(workdir: str, step: int, mode: str, mixture, config) -> str:
 
 def print_summary(results: Mapping[str, Any], out_dir: str) -> None:
   """A rich table: overall, mean over subsets, unparsed rate, then one row per subset."""
+  from rich import box
   from rich.console import Console
   from rich.table import Table
   from medcg.eval import stats
-  table = Table(title=f"medcg eval: {results['eval']['mode']} (step {results.get('step')})")
-  for col in ("", "triplet", "status", "n", "accuracy %", "95 % CI"):
-    table.add_column(col, justify="right" if col in ("n", "accuracy %", "95 % CI") else "left")
+  from medcg.eval import report
+  # A CG arm's subsets are labelled by their role in the experiment (its target is held out), as in report.md;
+  # the paper's ID / OOD status only for a multitask run.
+  roles = report.subset_roles(report.experiment_of(results))
+  table = Table(title=f"medcg eval: {results['eval']['mode']} (step {results.get('step')})",
+                box=box.SIMPLE_HEAD, pad_edge=False)  # no vertical rules: a CG run's rows fit 80 columns
+  for col in ("", "triplet", "status" if roles is None else "role", "n", "acc. %", "95 % CI"):
+    table.add_column(col, justify="right" if col in ("n", "acc. %", "95 % CI") else "left",
+                     no_wrap=col in ("", "triplet", "role", "95 % CI"))
   overall = results["overall"]
   table.add_row("overall", "", "", str(overall["n"]), f"{100 * overall['accuracy']:.1f}",
                 stats.wilson_text(overall["correct"], overall["n"]))
-  table.add_row("mean over subsets", "", "", str(results["counts"]["subsets"]),
+  table.add_row("subset mean", "", "", str(results["counts"]["subsets"]),
                 f"{100 * results['macro_subset']:.1f}", "")
   table.add_row("unparsed", "", "", str(results["parse"]["unparsed"]),
                 f"{100 * results['parse']['failure_rate']:.1f}", "")
   for key, v in results["per_subset"].items():
-    table.add_row(f"subset {key}", " ".join(v["triplet"]), v["status"], str(v["n"]), f"{100 * v['accuracy']:.1f}",
+    role = v["status"] if roles is None else roles.get(int(key), report.MISSING)
+    table.add_row(f"subset {key}", " ".join(v["triplet"]), role, str(v["n"]), f"{100 * v['accuracy']:.1f}",
                   stats.wilson_text(v["correct"], v["n"]))
   console = Console()
   console.print(table)
@@ -115,7 +123,7 @@ def print_summary(results: Mapping[str, Any], out_dir: str) -> None:
       det.add_row(name, triplet, str(v["n"]), f"{100 * v['ciou']:.1f}", f"{100 * v['mean_iou']:.1f}",
                   f"{100 * v['parse_failure_rate']:.1f}")
     console.print(det)
-  console.print(f"wrote {out_dir}")
+  print(f"wrote {out_dir}", flush=True)  # plain print: rich would wrap a long path over several lines
 
 
 def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch_size: int | None = None,
@@ -152,6 +160,8 @@ def run(workdir: str, *, step: int | None = None, mode: str | None = None, batch
 def main(argv):
   if len(argv) > 1:
     errors.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}; see --help")
+  if not FLAGS["verbosity"].present:  # orbax logs each restore step at INFO (about 37 lines)
+    logging.set_verbosity(logging.WARNING)
   from medcg import compile_cache
   from medcg.train import trainer
   import jax
@@ -170,19 +180,7 @@ def main(argv):
     print_summary(results, out)
 
 
-def _dashes_to_underscores(argv: Sequence[str]) -> list[str]:
-  """Lets `--batch-size 8` mean `--batch_size 8` (absl flag names use underscores)."""
-  fixed = [argv[0]]
-  for arg in argv[1:]:
-    if arg.startswith("--") and not arg.startswith("---"):
-      name, eq, value = arg[2:].partition("=")
-      arg = "--" + name.replace("-", "_") + eq + value
-    fixed.append(arg)
-  return fixed
-
-
-parse_flags = errors.absl_flags_parser(PROG, prepare=_dashes_to_underscores)
-
+parse_flags = errors.absl_flags_parser(PROG)
 
 if __name__ == "__main__":
   app.run(main, argv=sys.argv, flags_parser=parse_flags)

@@ -208,8 +208,10 @@ def run_records(model, config, tokenizer, *, mixture, mode: str, batch_size: int
       max_new_tokens = int(_eval_setting(config, "max_new_tokens", 8))
     it = pipeline.make_eval_iterator(data_cfg, tokenizer, include_answer=False,
                                      process_index=jax.process_index(), process_count=jax.process_count())
-    bar = tqdm(desc=f"eval ({'detection' if part is det else mode})", unit="batch",
-               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    show = progress and jax.process_index() == 0
+    total = pipeline.eval_batch_count(data_cfg, process_count=jax.process_count()) if show else None
+    bar = tqdm(desc=f"eval ({'detection' if part is det else mode})", unit="batch", total=total,
+               disable=not show, dynamic_ncols=True)
     with shd.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       for local in it:
         records += _eval_batch(model, local, place, mode=part_mode, tokenizer=tokenizer,
@@ -434,12 +436,14 @@ def checkpoint_info(workdir: str, step: int, config) -> dict[str, Any]:
 
 def make_trainer_hook(config: ml_collections.ConfigDict, workdir: str, tokenizer,
                       mesh: jax.sharding.Mesh | None = None,
-                      final_step: int | None = None) -> Callable[[Any, int], dict[str, float]]:
+                      final_step: int | None = None, progress: bool = False
+                      ) -> Callable[[Any, int], dict[str, float]]:
   """`evaluate_fn(model, step)` for `medcg.train.trainer.train`: evaluates config.data.eval_mixture.
 
   Writes workdir/eval/step_<N>/ and, at `final_step` (every step when None), copies its results.json to
   workdir/results.json: the run's result, whose presence tells experiments/sweep.py the run is finished.
   Returns flat metrics for TensorBoard. `mesh` defaults to the one config.mesh describes (the trainer's).
+  `progress` shows the evaluation's bar at `final_step` (not mid-training, where the training bar is open).
   """
   mesh = mesh if mesh is not None else mesh_from_config(config)
 
@@ -448,7 +452,8 @@ def make_trainer_hook(config: ml_collections.ConfigDict, workdir: str, tokenizer
       return {}
     out_dir = step_dir(workdir, step)
     results = evaluate(model, config, tokenizer, mixture=config.data.eval_mixture, out_dir=out_dir, step=step,
-                       mesh=mesh, checkpoint=checkpoint_info(workdir, step, config))
+                       mesh=mesh, checkpoint=checkpoint_info(workdir, step, config),
+                       progress=progress and final_step is not None and int(step) == int(final_step))
     if jax.process_index() == 0 and (final_step is None or int(step) == int(final_step)):
       fileio.copy_file(fileio.join(out_dir, metrics.RESULTS_FILE), fileio.join(workdir, metrics.RESULTS_FILE))
     return flat_metrics(results)

@@ -1,4 +1,4 @@
-"""CLI: `python -m medcg.judge --config configs/judge.py[:args] [--config.x=...] [--no-cache]
+"""CLI: `python -m medcg.judge --config configs/judge.py[:args] [--config.x=...] [--no_cache]
 [--label_policy=last_line|strict]`.
 
 Writes judgements.jsonl, results.json and leaderboard.md into `config.workdir` (local or gs://); judgements
@@ -34,7 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.answers.candidates (comma-separated), each entry PATH or NAME=PATH; a file's model name is its "
     "NAME=, else its records' model id (model / model_id / gen_model_id / name), else its file or folder name.",
     lock_config=True)
-flags.DEFINE_bool("no-cache", False, "Send every judge call again instead of replaying cached judgements.")
+flags.DEFINE_bool("no_cache", False, "Send every judge call again instead of replaying cached judgements.")
 flags.DEFINE_string("label_policy", None, "How a reply with several label lines is read: 'last_line' (the last "
                     "one wins) or 'strict' (different labels: unparsed). Default: config protocol.label_policy, "
                     "else 'last_line'. Cached replies are re-read under it.")
@@ -46,7 +46,7 @@ def main(argv):
   if len(argv) > 1:
     errors.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])}; see --help")
   try:
-    paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS["no-cache"].value,
+    paths = launch.run_config(_CONFIG.value, read_cache=not flags.FLAGS.no_cache,
                               label_policy=flags.FLAGS.label_policy)
   except Exception as e:  # the user's to fix (a config key, a path, storage): the message, no traceback
     status = errors.exit_status(e, PROG)

@@ -53,14 +53,9 @@ def main(argv):
     if status is None:
       raise
     sys.exit(status)
+  # The trainer printed the closing lines (medcg.train.summary): final metrics and where the outputs are.
   logging.info("finished at step %d%s; last metrics %s", result.step, " (preempted)" if result.preempted else "",
                result.metrics)
-  loss = f"{result.losses[-1]:.6f}" if result.losses else "n/a (no step this attempt)"
-  if result.preempted:
-    print(f"medcg.train: stopped at step {result.step} (checkpointed when a step ran); the same command resumes "
-          f"(loss {loss})")
-  else:
-    print(f"medcg.train: step {result.step} loss {loss}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ def has_checkpoint(directory: str) -> bool:
   return latest_step(directory) is not None
 
 
+def _read_handlers(state: Any) -> dict[str, Any]:
+  # Both items named, though only "state" is read: orbax warns about every item on disk it has no handler for.
+  return {"state": state, "data": grain.checkpoint.CheckpointHandler()}
+
+
 def latest_step(directory: str) -> int | None:
   """The newest committed step in `directory`, None when there is none (or no directory)."""
   d = fileio.path(directory)
@@ -99,7 +104,7 @@ def check_param_shapes(directory: str, abstract_params: Any, step: int | None = 
   nothing compiled); returns the step. Errors name the parameter path and both shapes."""
   from medcg.train import optimizer as opt_lib
   mngr = ocp.CheckpointManager(fileio.path(fileio.absolute(directory)),
-                               item_handlers={"state": ocp.StandardCheckpointHandler()})
+                               item_handlers=_read_handlers(ocp.StandardCheckpointHandler()))
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -127,7 +132,8 @@ def check_param_shapes(directory: str, abstract_params: Any, step: int | None = 
 def restore_params_only(directory: str, abstract_params: Any, step: int | None = None) -> Any:
   """`init_from` another run / evaluation: read just the params of its latest (or given) checkpoint."""
   step = check_param_shapes(directory, abstract_params, step)
-  mngr = ocp.CheckpointManager(fileio.path(fileio.absolute(directory)), item_names=("state", "data"))
+  mngr = ocp.CheckpointManager(fileio.path(fileio.absolute(directory)),
+                               item_handlers=_read_handlers(ocp.PyTreeCheckpointHandler()))
   try:
     target = {"params": abstract_params}
     try:

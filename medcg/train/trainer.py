@@ -36,6 +36,7 @@ from medcg.train import run_info
 from medcg.train import run_record
 from medcg.train import state as state_lib
 from medcg.train import sharding as shd
+from medcg.train import summary
 from medcg.train import tb as tb_lib
 
 
@@ -294,6 +295,32 @@ def _ckpt_dir(workdir: str) -> str:
   return fileio.join(workdir, "checkpoints")
 
 
+RESULTS_FILE = "results.json"  # medcg.eval.metrics.RESULTS_FILE, named here so the trainer need not import eval
+
+
+def finished_step(workdir: str, total_steps: int) -> int | None:
+  """The step a finished run in `workdir` ended at, or None when there is work left (or no run).
+
+  Trained: its latest checkpoint is at or past `total_steps` (the last step's checkpoint is written after its
+  evaluation). Untrained (total_steps == 0): its results.json exists. Reads storage only; nothing is compiled.
+  """
+  if not fileio.exists(fileio.join(workdir, provenance.CONFIG_FILE)):
+    return None
+  if total_steps == 0:
+    return 0 if fileio.exists(fileio.join(workdir, RESULTS_FILE)) else None
+  latest = ckpt_lib.latest_step(_ckpt_dir(workdir))
+  return latest if latest is not None and latest >= total_steps else None
+
+
+def _final_metrics(workdir: str) -> dict[str, float]:
+  """A finished run's final evaluation as the trainer returned it (eval/...), from its results.json."""
+  path = fileio.join(workdir, RESULTS_FILE)
+  if not fileio.exists(path):
+    return {}
+  from medcg.eval import runner
+  return {f"eval/{k}": v for k, v in runner.flat_metrics(fileio.read_json(path)).items()}
+
+
 # ------------------------------------------------------------------------------------------------------
 # Model parts and initial parameters: one construction for the trainer, medcg.eval and the AOT tools.
 # ------------------------------------------------------------------------------------------------------
@@ -346,11 +373,19 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
   # --------------------------------------------------------------------------------------------------
   # Checks before any write: the config, the data it reads, the workdir's experiment.
   # --------------------------------------------------------------------------------------------------
+  t0 = time.monotonic()
   fileio.path(workdir)  # a gs:// workdir without its backend package fails first, naming the package
   workdir = fileio.absolute(workdir)
   mesh = validate_config(config)
-  preflight.check_data(config)
   changes = provenance.check_workdir(workdir, config, overwrite=overwrite)
+  total_steps = total_train_steps(config)
+  done = None if overwrite else finished_step(workdir, total_steps)
+  if done is not None:  # before the data check and any compile: a re-run of a finished run returns in seconds
+    results = fileio.join(workdir, RESULTS_FILE)
+    summary.say(summary.finished_text(done, total_steps, workdir, results if fileio.exists(results) else None,
+                                        changes))
+    return TrainResult(step=done, losses=[], metrics=_final_metrics(workdir))
+  preflight.check_data(config)
   if overwrite and jax.process_index() == 0:
     provenance.clear_workdir(workdir)
   _sync("medcg-workdir-ready")
@@ -371,7 +406,6 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
   n_image_tokens = vlm_lib.num_image_tokens(model_cfg, trim_cfg)
   data_cfg = run_info.pipeline_config(config, config.data.mixture, config.data.batch_size, n_image_tokens,
                                       training=True)
-  total_steps = total_train_steps(config)
   train_iter = None
   if total_steps:
     train_iter = pipeline.make_train_iterator(data_cfg, tokenizer, seed=config.seed,
@@ -399,6 +433,11 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
       ckpt_lib.check_param_shapes(_ckpt_dir(config.train.init_from), parts.abstract[0])
     if jax.process_index() == 0:
       run_record.write_run_record(workdir, config, resumed_from=resume_step, changes=changes)
+    summary.write([summary.resume_text(workdir, resume_step, total_steps, changes), summary.mesh_text(mesh),
+                   f"model: {summary.params_text(parts.abstract)}",
+                   f"train on {summary.mixture_text(config.data.mixture)}; {summary.schedule_text(config, total_steps)}"
+                   if total_steps else summary.schedule_text(config, total_steps),
+                   f"evaluate on {summary.eval_text(config)}"])
     params, frozen, rest = initial_params(config, parts, mesh, with_init_from=resume_step is None)
     if resume_step is not None:
       del params
@@ -422,7 +461,8 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
     # ------------------------------------------------------------------------------------------------
     if evaluate_fn is None and config.data.eval_mixture:
       from medcg.eval import runner  # one way: the runner imports train's lower modules, never this one
-      evaluate_fn = runner.make_trainer_hook(config, workdir, tokenizer, mesh=mesh, final_step=total_steps)
+      evaluate_fn = runner.make_trainer_hook(config, workdir, tokenizer, mesh=mesh, final_step=total_steps,
+                                             progress=jax.process_index() == 0)
 
     def run_eval(state) -> dict[str, float]:
       if evaluate_fn is None:  # no evaluation mixture
@@ -473,7 +513,7 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
       return m
 
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=start, desc="train", disable=jax.process_index() != 0,
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=jax.process_index() != 0 or not total_steps,
                dynamic_ncols=True)
     try:
       step = start
@@ -530,6 +570,9 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
           logs.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
           bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{metrics['lr']:.2e}")
         eval_metrics = {}
+        if eval_now and is_last and evaluate_fn is not None:  # below the finished bar: eval has its own
+          bar.close()
+          summary.say(f"evaluating step {step:,} on {summary.mixture_text(config.data.eval_mixture)}")
         if eval_now:
           eval_metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
           if eval_metrics:
@@ -542,6 +585,9 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
         preempted = stop_now
       bar.close()
       if total_steps == 0:  # an untrained arm (the paper's Baseline): evaluate the initial model only
+        if evaluate_fn is not None:
+          summary.say(f"evaluating the initial model (untrained arm) on "
+                      f"{summary.mixture_text(config.data.eval_mixture)}")
         metrics = {f"eval/{k}": v for k, v in run_eval(state).items()}
         logs.scalars(0, metrics)
     finally:
@@ -549,6 +595,11 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
       ckpt.close()
   specs = {opt_lib.param_path(p): tuple(x.sharding.spec)
            for p, x in jax.tree_util.tree_leaves_with_path(state["params"]) if hasattr(x, "sharding")}
+  results = fileio.join(workdir, RESULTS_FILE)
+  report_dir = fileio.join(workdir, "eval", f"step_{step}") if config.data.eval_mixture else None
+  summary.write(summary.end_lines(step=step, total_steps=total_steps, losses=losses, metrics=metrics,
+                                  preempted=preempted, seconds=time.monotonic() - t0, workdir=workdir,
+                                  results=results if config.data.eval_mixture else None, report_dir=report_dir))
   return TrainResult(step=step, losses=losses, metrics=metrics, preempted=preempted, param_specs=specs)
 
 
