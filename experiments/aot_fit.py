@@ -28,6 +28,7 @@ from rich.table import Table  # noqa: E402
 
 from configs import fit  # noqa: E402
 from configs import hardware  # noqa: E402
+from medcg import errors  # noqa: E402
 from medcg import fileio  # noqa: E402
 from medcg.aot import report as report_lib  # noqa: E402
 from medcg.aot import step_compile  # noqa: E402
@@ -134,11 +135,11 @@ def _write(out: str, json_path: str, ordered: list[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = errors.ArgumentParser(prog="python -m experiments.aot_fit", description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="llava-1.5-7b,llava-1.5-13b")
   p.add_argument("--targets", default="v5p-8,v5e-16,v4-16,v5e-32,v4-32",
                  help="pairs without a recipe in configs/hardware.py are skipped")
-  p.add_argument("--kernel-row", action=argparse.BooleanOptionalAction, default=True,
+  p.add_argument("--kernel_row", action=argparse.BooleanOptionalAction, default=True,
                  help=f"also compile {KERNEL_ROW[0]} on {KERNEL_ROW[1]} (TPU targets only)")
   p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--out", default=OUT)

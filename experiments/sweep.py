@@ -15,8 +15,24 @@ table plus every run's counts and per-sample outcomes) and the paper's figures a
 ROOT may be `gs://BUCKET/...` for every launcher, and must be for a pod: its hosts write one multi-host orbax
 checkpoint, so the workdir must be a directory every host sees. Before any run starts, the data of every
 unfinished run is checked (`medcg.preflight`), so a short shards dir fails in seconds, not after the first arms.
-On a gs:// root each run's sweep.log is written to a local file (`--log-dir`) and copied to its workdir when
+On a gs:// root each run's sweep.log is written to a local file (`--log_dir`) and copied to its workdir when
 the run ends, since object stores cannot append.
+
+The local and pod launchers report progress on stderr, one whole line per event (runs in parallel never
+interleave mid-line); stdout keeps the pod commands and the collected table:
+
+    [skip] arm=baseline,seed=0: finished (/abs/runs/demo/arm=baseline__seed=0)
+    3 runs: 1 finished already, 2 to run
+    [start 1/2] arm=baseline_plus,seed=0 -> /abs/runs/demo/arm=baseline_plus__seed=0 (log: .../sweep.log)
+    [done 1/2] arm=baseline_plus,seed=0 in 2 m 31 s: accuracy 48.3 % (n=60)
+    [start 2/2] arm=related,seed=0 -> /abs/runs/demo/arm=related__seed=0 (log: .../sweep.log)
+    [fail 2/2] arm=related,seed=0: exit code 1 after 12 s; log: .../sweep.log
+      last log line: ValueError: ...
+    sweep: 1 finished, 1 failed, 1 skipped
+
+A done line's headline (accuracy and n, cIoU for detection) is read from the run's results.json. A pod's runs
+print their output on this terminal, so their lines name no log; the pod launcher stops at the first failure.
+Exit status: 0 when every run finished, else 1 (local) or the failed run's exit code (pod).
 
 A bad flag, config or path prints one line `experiments.sweep: error: ...` and exits 2; `--verbose` or
 MEDCG_VERBOSE=1 adds its traceback.
@@ -32,6 +48,8 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from typing import Any, Sequence
 
 from medcg import errors
@@ -119,27 +137,168 @@ def local_log(workdir: str, log_dir: str | None = None) -> str:
   return os.path.join(os.path.abspath(log_dir or DEFAULT_LOG_DIR), config, run, "sweep.log")
 
 
-def run_local(runs: list[dict[str, Any]], parallel: int, log_dir: str | None = None) -> list[tuple[str, int]]:
-  """Runs the unfinished runs here, `parallel` at once; returns (arg, exit code) per run started."""
-  todo = [r for r in runs if not r["done"]]
+def _duration(seconds: float) -> str:
+  from medcg.train import summary  # imports jax: only once a run has ended, so `--launcher print` stays instant
+  return summary.duration(seconds)
+
+
+def result_headline(workdir: str) -> str:
+  """'accuracy 95.0 % (n=60)' (with cIoU when detection was scored) from WORKDIR/results.json; '' if unreadable."""
+  try:
+    results = fileio.read_json(fileio.join(workdir, "results.json"))
+    metrics = {}
+    overall = results.get("overall") or {}
+    if overall.get("n"):  # a detection-only evaluation has no accuracy (n=0)
+      metrics.update({"eval/accuracy": float(overall["accuracy"]), "eval/samples": float(overall["n"])})
+    if results.get("detection"):
+      metrics["eval/ciou"] = float(results["detection"]["overall"]["ciou"])
+    from medcg.train import summary
+    return summary.headline(metrics)
+  except Exception:  # a progress line is no reason to fail a sweep: the done line goes without its headline
+    return ""
+
+
+def last_log_line(log_path: str, max_chars: int = 300) -> str:
+  """The last non-empty line of a local log (the last frame of a progress bar's \\r-redrawn line); '' if none."""
+  try:
+    with open(log_path, "rb") as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(f.tell() - 65536, 0))
+      tail = f.read().decode("utf-8", errors="replace")
+  except OSError:
+    return ""
+  for line in reversed(tail.splitlines()):
+    line = line.split("\r")[-1].strip() or line.strip()
+    if line:
+      return line if len(line) <= max_chars else line[:max_chars - 3] + "..."
+  return ""
+
+
+class Progress:
+  """The sweep's progress lines on stderr, each printed whole under a lock (parallel runs share one Progress).
+
+  `begin` prints a skip line per finished run and the summary, `start` / `end` one line per run (numbered in
+  the order the runs start), `finish` the tally.
+  """
+
+  def __init__(self, runs: list[dict[str, Any]], *, announce_skips: bool = True):
+    self.skipped = [r for r in runs if r["done"]]
+    self.todo = [r for r in runs if not r["done"]]
+    self.announce_skips = announce_skips
+    self.finished: list[str] = []
+    self.failed: list[str] = []
+    self._started = 0
+    self._lock = threading.Lock()
+
+  def say(self, *lines: str) -> None:
+    with self._lock:
+      self._say(*lines)
+
+  def _say(self, *lines: str) -> None:
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+  def begin(self) -> None:
+    lines = [f"[skip] {r['arg']}: finished ({r['workdir']})" for r in self.skipped] if self.announce_skips else []
+    n = len(self.skipped) + len(self.todo)
+    lines.append(f"{n} run{'s' * (n != 1)}: {len(self.skipped)} finished already, {len(self.todo)} to run")
+    self.say(*lines)
+
+  def start(self, r: dict[str, Any], log_path: str | None = None) -> int:
+    """Prints the start line; returns the run's number (1 .. len(todo))."""
+    with self._lock:
+      self._started += 1
+      i = self._started
+      self._say(f"[start {i}/{len(self.todo)}] {r['arg']} -> {r['workdir']}"
+                + (f" (log: {log_path})" if log_path else ""))
+    return i
+
+  def end(self, i: int, r: dict[str, Any], rc: int, seconds: float, log_path: str | None = None) -> None:
+    tag = f"{i}/{len(self.todo)}"
+    if rc == 0:
+      headline = result_headline(r["workdir"])  # read outside the lock: gs:// reads take a while
+      lines = [f"[done {tag}] {r['arg']} in {_duration(seconds)}" + (f": {headline}" if headline else "")]
+    else:
+      lines = [f"[fail {tag}] {r['arg']}: exit code {rc} after {_duration(seconds)}"
+               + (f"; log: {log_path}" if log_path else "")]
+      last = last_log_line(log_path) if log_path else ""
+      if last:
+        lines.append(f"  last log line: {last}")
+    with self._lock:
+      (self.finished if rc == 0 else self.failed).append(r["arg"])
+      self._say(*lines)
+
+  def finish(self) -> None:
+    with self._lock:
+      not_started = len(self.todo) - len(self.finished) - len(self.failed)
+      line = f"sweep: {len(self.finished)} finished, {len(self.failed)} failed, {len(self.skipped)} skipped"
+      if not_started:
+        line += f", {not_started} not started"
+      if self.failed:
+        line += f" (failed: {', '.join(self.failed)})"
+      self._say(line)
+
+
+def run_local(runs: list[dict[str, Any]], parallel: int, log_dir: str | None = None, *,
+              stop_on_failure: bool = False, announce_skips: bool = True) -> list[tuple[str, int]]:
+  """Runs the unfinished runs here, `parallel` at once; returns (arg, exit code) per run started.
+
+  Reports on stderr as it goes (see the module docstring): a skip line per finished run (unless
+  `announce_skips` is False), the summary, a start line and a done or fail line per run, the tally.
+  `stop_on_failure`: no run starts after one has failed (those running go on to their end).
+  """
+  progress = Progress(runs, announce_skips=announce_skips)
+  stop = threading.Event()
 
   def one(r):
+    if stop.is_set():
+      return None
     log_path = local_log(r["workdir"], log_dir)
     remote_log = fileio.join(r["workdir"], "sweep.log")
     remote = fileio.is_remote(r["workdir"])
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     if remote and not os.path.exists(log_path) and fileio.exists(remote_log):
       fileio.copy_file(remote_log, log_path)  # keep the earlier attempts' log, as a local sweep.log does
+    i = progress.start(r, log_path)
+    t = time.monotonic()
     try:
       with open(log_path, "ab") as log:
         proc = subprocess.run(r["cmd"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    except OSError as e:  # the command could not start (no such interpreter): said, then raised as before
+      progress.say(f"[fail {i}/{len(progress.todo)}] {r['arg']}: could not start ({e})")
+      raise
     finally:
       if remote:  # no appends on an object store: the whole log, once the run has ended
         fileio.copy_file(log_path, remote_log)
+    if proc.returncode and stop_on_failure:
+      stop.set()
+    progress.end(i, r, proc.returncode, time.monotonic() - t, log_path)
     return r["arg"], proc.returncode
 
+  progress.begin()
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-    return list(pool.map(one, todo))
+    done = [x for x in pool.map(one, progress.todo) if x is not None]
+  progress.finish()
+  return done
+
+
+def run_pod(runs: list[dict[str, Any]]) -> int:
+  """Runs the unfinished runs one at a time (each on every worker), stopping at the first failure; its exit code.
+
+  The runs' output comes to this terminal; the command goes to stdout, the progress lines to stderr.
+  """
+  progress = Progress(runs)
+  progress.begin()
+  rc = 0
+  for r in progress.todo:
+    i = progress.start(r)
+    print(shlex.join(r["cmd"]), flush=True)
+    t = time.monotonic()
+    rc = subprocess.run(r["cmd"]).returncode
+    progress.end(i, r, rc, time.monotonic() - t)
+    if rc:
+      break
+  progress.finish()
+  return rc
 
 
 RUN_KEYS = ("overall", "per_subset", "detection", "outcomes")
@@ -237,10 +396,10 @@ def _main(argv: Sequence[str] | None) -> int:
   p.add_argument("--tpu", default="", help="pod: TPU VM name")
   p.add_argument("--zone", default="", help="pod: the TPU's zone")
   p.add_argument("--project", default="", help="pod: the GCP project (default: gcloud's)")
-  p.add_argument("--repo-dir", default="~/medcg", help="pod: the checkout on the workers")
-  p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
+  p.add_argument("--repo_dir", default="~/medcg", help="pod: the checkout on the workers")
+  p.add_argument("--log_dir", default=DEFAULT_LOG_DIR,
                  help="local launcher, gs:// root: where each run's sweep.log is written before it is copied")
-  p.add_argument("--compilation-cache-dir", default=None,
+  p.add_argument("--compilation_cache_dir", default=None,
                  help="local launcher: the runs' JAX compilation cache ('off' disables; default "
                  "$MEDCG_COMPILATION_CACHE, else ~/.cache/medcg/jax)")
   p.add_argument("--collect", action="store_true", help="only gather finished runs into a table")
@@ -280,19 +439,8 @@ def _main(argv: Sequence[str] | None) -> int:
   # A pod's local paths are the workers' (not this machine's): only gs:// data is checked from here.
   check_data(a.config, runs, check_local=a.launcher == "local")
   if a.launcher == "pod":
-    for r in runs:  # pods run one job at a time across all workers
-      if r["done"]:
-        continue
-      print(shlex.join(r["cmd"]), flush=True)
-      rc = subprocess.run(r["cmd"]).returncode
-      if rc:
-        print(f"run {r['arg']} failed with exit code {rc}", file=sys.stderr)
-        return rc
-    return 0
+    return run_pod(runs)  # pods run one job at a time across all workers
   failed = [(arg, rc) for arg, rc in run_local(runs, a.parallel, a.log_dir) if rc]
-  logs = {r["arg"]: local_log(r["workdir"], a.log_dir) for r in runs}
-  for arg, rc in failed:
-    print(f"run {arg} failed with exit code {rc}; see {logs[arg]}", file=sys.stderr)
   _print_table(collect(a.config, a.root), a.out)
   return 1 if failed else 0
 

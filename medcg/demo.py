@@ -11,10 +11,11 @@
 4. prints the CG table (n, intervals, the CG test) with the paper's numbers beside it and writes it to
    WORKDIR/demo.md, with demo.json and the Table 3 bar plot WORKDIR/demo_table3.png (and .svg).
 
-Finished arms are skipped (a re-run resumes); each arm's workdir holds its checkpoints, metrics, TensorBoard
-events, samples.jsonl and results.json. Before the first arm starts, the shards are checked against every arm's
-config (`medcg.preflight`): shards built for other sizes fail in seconds, naming what is short and the commands
-that rebuild it. `--workdir` may be gs://BUCKET/... (the data dirs stay local).
+Finished arms are skipped (a re-run resumes). Each arm's start and end (its accuracy, or its exit code, log and
+last log line) are reported on stderr as `experiments.sweep` reports its runs. Each arm's workdir holds its
+checkpoints, metrics, TensorBoard events, samples.jsonl and results.json. Before the first arm starts, the shards
+are checked against every arm's config (`medcg.preflight`): shards built for other sizes fail in seconds, naming
+what is short and the commands that rebuild it. `--workdir` may be gs://BUCKET/... (the data dirs stay local).
 
 A bad flag, path or data prints one line `medcg.demo: error: ...` and exits 2; `--verbose` or MEDCG_VERBOSE=1
 adds its traceback.
@@ -48,11 +49,11 @@ def ensure_shards(raw_dir: str, shards_dir: str, *, image_size: int, per_subset:
   if not os.path.exists(os.path.join(raw_dir, "Aggregated_Subsets")):
     print(f"[demo] writing SynthMAT ({per_subset} train + {test_per_subset} test per subset, {image_size} px) "
           f"to {raw_dir}", flush=True)
-    data_main(["synth", "--out", raw_dir, "--image-size", str(image_size), "--per-subset", str(per_subset),
-               "--test-per-subset", str(test_per_subset), "--seed", str(seed), "--no-progress"])
+    data_main(["synth", "--out", raw_dir, "--image_size", str(image_size), "--per_subset", str(per_subset),
+               "--test_per_subset", str(test_per_subset), "--seed", str(seed), "--no_progress"])
   print(f"[demo] converting to {fmt} shards in {shards_dir}", flush=True)
-  data_main(["convert", "--src", raw_dir, "--out", shards_dir, "--image-size", str(image_size),
-             "--format", fmt, "--no-progress"])
+  data_main(["convert", "--src", raw_dir, "--out", shards_dir, "--image_size", str(image_size),
+             "--format", fmt, "--no_progress"])
 
 
 def main(argv=None) -> int:
@@ -60,18 +61,18 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", default="runs/demo", help="parent of the arms' workdirs (local or gs://)")
   p.add_argument("--model", default="tiny", choices=models.FROM_SCRATCH,
                  help="the from-scratch preset: tiny (LLaVA architecture, 32 px) or tiny-qwen2vl (Qwen2-VL, 112 px)")
-  p.add_argument("--data-dir", default=None, help="where SynthMAT (JSON + PNG) is written (default data/synthmat, "
+  p.add_argument("--data_dir", default=None, help="where SynthMAT (JSON + PNG) is written (default data/synthmat, "
                  "data/synthmat112 for tiny-qwen2vl)")
   p.add_argument("--shards", default=None, help="converted shards, built if missing (default data/synthmat_shards, "
                  "data/synthmat112_shards for tiny-qwen2vl)")
   p.add_argument("--seeds", type=errors.positive_int, default=1, help="seeds per arm (mean ± sd when > 1)")
   p.add_argument("--format", default="tfrecord", choices=("tfrecord", "array_record"), help="shard format")
-  p.add_argument("--synth-train", type=errors.positive_int, default=common.SYNTH_TRAIN,
+  p.add_argument("--synth_train", type=errors.positive_int, default=common.SYNTH_TRAIN,
                  help="SynthMAT train samples per subset")
-  p.add_argument("--synth-test", type=errors.positive_int, default=common.SYNTH_TEST,
+  p.add_argument("--synth_test", type=errors.positive_int, default=common.SYNTH_TEST,
                  help="SynthMAT test samples per subset")
   p.add_argument("--epochs", type=int, default=0, help="0: the recipe's")
-  p.add_argument("--compilation-cache-dir", default=None,
+  p.add_argument("--compilation_cache_dir", default=None,
                  help="the arms' JAX compilation cache ('off' disables; default $MEDCG_COMPILATION_CACHE, else "
                  "~/.cache/medcg/jax): the second arm with the same shapes loads the first's programs")
   a = p.parse_args(argv)
@@ -124,15 +125,14 @@ def _run(a) -> int:
   from experiments import sweep
   runs = sweep.plan(base, a.workdir, "local", python=sys.executable)
   for r in runs:
-    state = "done" if r["done"] else "training" if "arm=baseline," not in r["arg"] + "," else "evaluating"
+    state = "done" if r["done"] else "to train" if "arm=baseline," not in r["arg"] + "," else "to evaluate"
     print(f"[demo] {r['arg']}: {state}", flush=True)
-    if not r["done"]:
-      t = time.time()
-      (arg, rc), = sweep.run_local([r], parallel=1)
-      if rc:
-        print(f"[demo] {arg} failed (exit {rc}); see {sweep.local_log(r['workdir'])}", file=sys.stderr)
-        return rc
-      print(f"[demo]   finished in {time.time() - t:.0f} s", flush=True)
+  # The sweep reports each arm's start and end (accuracy, or exit code and last log line) on stderr; the done
+  # arms were named just above, so it does not repeat them. The first failure stops the demo.
+  started = sweep.run_local(runs, parallel=1, stop_on_failure=True, announce_skips=False)
+  failed = [rc for _, rc in started if rc]
+  if failed:
+    return failed[0]
   table = sweep.collect(base, a.workdir)
   print(table.get("markdown", ""))
   written = sweep.write_table(fileio.join(a.workdir, "demo"), table)  # demo.md, demo.json and the plot

@@ -123,7 +123,7 @@ class ArgumentParser(argparse.ArgumentParser):
   """argparse with the convention: defaults in --help, a usage error in one line (exit 2), `--verbose`.
 
   Long options are spelled with underscores (`--image_size`), as absl's flags in medcg.train / medcg.eval are;
-  the dashed spelling (`--image_size`) is accepted too, as it is by those commands. An option with a default but
+  the dashed spelling (`--image-size`) is accepted too, as it is by those commands. An option with a default but
   no help text still shows its default in --help.
   """
 

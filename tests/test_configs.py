@@ -393,8 +393,8 @@ def test_colab_notebook_is_valid():
                  "sweep.collect"):
     assert needle in text, needle
   # The notebook's SynthMAT sizes are the ones the configs plan with.
-  assert f"--per-subset {common.SYNTH_TRAIN}" in text and f"--test-per-subset {common.SYNTH_TEST}" in text
-  assert f"--image-size {common.SYNTH_IMAGE_SIZE}" in text
+  assert f"--per_subset {common.SYNTH_TRAIN}" in text and f"--test_per_subset {common.SYNTH_TEST}" in text
+  assert f"--image_size {common.SYNTH_IMAGE_SIZE}" in text
 
 
 def test_sweep_collect_writes_the_table_and_every_run(tmp_path, capsys):

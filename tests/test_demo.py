@@ -39,8 +39,8 @@ def test_undersized_shards_fail_before_any_arm(synth_shards, tmp_path, capsys):
   assert rc == 2 and elapsed < 30, (rc, elapsed)
   assert err.startswith("medcg.demo: error: data not ready for 2 of 3 runs: ") and "Traceback" not in err
   assert f"subset 05 split 'train': 600 needed (data.mixture[0]), 24 available in {synth_shards}" in err
-  assert (f"python -m medcg.data synth --out {tmp_path / 'synthmat'} --image-size 32 --per-subset 600 "
-          "--test-per-subset 60") in err
+  assert (f"python -m medcg.data synth --out {tmp_path / 'synthmat'} --image_size 32 --per_subset 600 "
+          "--test_per_subset 60") in err
   assert not (tmp_path / "runs").exists()                                  # no arm started
   assert not os.path.exists(os.path.join(synth_shards, "tokenizer-bpe512.json"))  # nor the tokenizer trained
 
@@ -52,5 +52,5 @@ def test_qwen_demo_needs_its_own_112px_shards(synth_shards, tmp_path, capsys):
   err = capsys.readouterr().err
   assert rc == 2 and "Traceback" not in err
   assert "the shards are 32 px, config data.image_size is 112" in err
-  assert "--image-size 112" in err
+  assert "--image_size 112" in err
   assert not (tmp_path / "runs").exists()

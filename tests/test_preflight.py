@@ -52,9 +52,9 @@ def test_undersized_shards_name_subset_split_counts_and_the_commands(synth_shard
   with open(os.path.join(synth_shards, "manifest.json")) as f:
     src = json.load(f)["source_root"]  # where the shards came from: rebuilt in place
   lines = [line.strip() for line in text.splitlines()]
-  assert f"python -m medcg.data synth --out {src} --image-size 32 --per-subset 600 --test-per-subset 60" in lines
+  assert f"python -m medcg.data synth --out {src} --image_size 32 --per_subset 600 --test_per_subset 60" in lines
   # The same format as the existing shards, so convert keeps what it can.
-  assert (f"python -m medcg.data convert --src {src} --out {synth_shards} --image-size 32 "
+  assert (f"python -m medcg.data convert --src {src} --out {synth_shards} --image_size 32 "
           "--format array_record") in lines
   assert not any("medcg.data tokenizer" in line for line in lines)  # tokenizer=False: not checked
 
@@ -68,9 +68,9 @@ def test_missing_shards_dir_gives_all_three_commands(tmp_path):
   raw = str(tmp_path / "data" / "synthmat")
   assert [line.strip() for line in lines[1:]] == [
       "build it with:",
-      f"python -m medcg.data synth --out {raw} --image-size 32 --per-subset 600 --test-per-subset 60",
-      f"python -m medcg.data convert --src {raw} --out {shards} --image-size 32",
-      f"python -m medcg.data tokenizer {shards} --vocab-size 512"]
+      f"python -m medcg.data synth --out {raw} --image_size 32 --per_subset 600 --test_per_subset 60",
+      f"python -m medcg.data convert --src {raw} --out {shards} --image_size 32",
+      f"python -m medcg.data tokenizer {shards} --vocab_size 512"]
 
 
 def test_check_all_reports_every_arm_at_once(synth_shards):
@@ -97,13 +97,13 @@ def test_image_size_and_tokenizer(synth_shards, tmp_path):
   text = str(e.value)
   assert f"{shards}/manifest.json: the shards are 64 px, config data.image_size is 32" in text
   assert f"config data.tokenizer.path (hf tokenizer) {shards}/tokenizer-bpe512.json: no such file" in text
-  assert "--image-size 32" in text and f"python -m medcg.data tokenizer {shards} --vocab-size 512" in text
+  assert "--image_size 32" in text and f"python -m medcg.data tokenizer {shards} --vocab_size 512" in text
   # Only the tokenizer missing: only its command.
   shards = _manifest_copy(synth_shards, tmp_path / "s32", tokenizer=False)
   with pytest.raises(preflight.DataNotReady) as e:
     preflight.check_data(_demo("arm=related,seed=0", shards, synth_train=24))
   commands = [line.strip() for line in str(e.value).splitlines() if line.startswith("  python")]
-  assert commands == [f"python -m medcg.data tokenizer {shards} --vocab-size 512"]
+  assert commands == [f"python -m medcg.data tokenizer {shards} --vocab_size 512"]
 
 
 def test_real_medmat_gets_convert_and_no_synth(synth_shards, tmp_path):
@@ -118,7 +118,7 @@ def test_real_medmat_gets_convert_and_no_synth(synth_shards, tmp_path):
   with open(os.path.join(synth_shards, "manifest.json")) as f:
     source_root = json.load(f)["source_root"]
   commands = [line.strip() for line in text.splitlines() if line.startswith("  python")]
-  assert commands == [f"python -m medcg.data convert --src {source_root} --out {shards} --image-size 32 "
+  assert commands == [f"python -m medcg.data convert --src {source_root} --out {shards} --image_size 32 "
                       "--format array_record"]
   # A tokenizer that is not a medcg corpus tokenizer (an hf= checkpoint's) has no build command.
   c.data.mixture = [(5, "train", 24)]
@@ -147,7 +147,7 @@ def test_remote_shards_dir(gcs_root, synth_shards):
     preflight.check_all(configs)
   text = str(e.value)
   assert text.splitlines()[0] == f"data not ready for 3 of 3 runs: {shards}: no such directory (config data.shards_dir)"
-  assert f"python -m medcg.data convert --src {gcs_root}/synthmat --out {shards} --image-size 32" in text
+  assert f"python -m medcg.data convert --src {gcs_root}/synthmat --out {shards} --image_size 32" in text
   # A manifest on the store is read like a local one (the shards themselves are not opened).
   fileio.copy_file(os.path.join(synth_shards, "manifest.json"), f"{shards}/manifest.json")
   fileio.atomic_write_text(f"{shards}/tokenizer-bpe512.json", "{}")
