@@ -107,7 +107,7 @@ def test_auto_batch_stops_at_limit_and_fails_when_nothing_fits():
 def test_oom_detection_and_bad_arguments():
   assert bench_train.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
   assert not bench_train.is_oom(ValueError("shape mismatch"))
-  with pytest.raises(ValueError, match="--batch-sizes: 3 is not a positive multiple"):
+  with pytest.raises(ValueError, match="--batch_sizes: 3 is not a positive multiple"):
     bench_train._batch_plan("3,auto", 2)
   with pytest.raises(ValueError, match="'x' is neither"):
     bench_train._batch_plan("x", 1)
