@@ -29,6 +29,14 @@ def test_numbers_in_words():
   assert summary.duration(3 * 3600 + 125) == "3 h 2 m"
 
 
+def test_headline_names_accuracy_with_n_and_cious_only_for_detection_only_runs():
+  assert summary.headline({"eval/accuracy": 0.95, "eval/samples": 60.0}) == "accuracy 95.0 % (n=60)"
+  assert summary.headline({"eval/accuracy": 0.5, "eval/samples": 4.0, "eval/ciou": 0.25}) == \
+      "accuracy 50.0 % (n=4); cIoU 25.0 %"
+  # flat_metrics keeps accuracy 0 for an evaluation with no multiple-choice samples: not a 0 % accuracy.
+  assert summary.headline({"eval/accuracy": 0.0, "eval/samples": 0.0, "eval/ciou": 0.4}) == "cIoU 40.0 %"
+
+
 def test_mixture_text_lists_entries_and_counts_the_rest():
   assert summary.mixture_text([(5, "train", 600), (28, "train", 600)]) == \
       "2 subsets, 1,200 samples: 05 train 600, 28 train 600"

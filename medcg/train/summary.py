@@ -110,8 +110,8 @@ def resume_text(workdir: str, resume_step: int | None, total_steps: int, changes
 def headline(metrics: Mapping[str, float]) -> str:
   """The final evaluation in words: 'accuracy 95.0 % (n=60)', with cIoU when detection was scored."""
   parts = []
-  if "eval/accuracy" in metrics:
-    n = metrics.get("eval/samples")
+  n = metrics.get("eval/samples")
+  if "eval/accuracy" in metrics and n != 0:  # a detection-only evaluation scores no choices (n=0): cIoU only
     parts.append(f"accuracy {100 * metrics['eval/accuracy']:.1f} %" + (f" (n={int(n)})" if n else ""))
   if "eval/ciou" in metrics:
     parts.append(f"cIoU {100 * metrics['eval/ciou']:.1f} %")
