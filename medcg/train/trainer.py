@@ -37,6 +37,7 @@ from medcg.train import run_record
 from medcg.train import state as state_lib
 from medcg.train import sharding as shd
 from medcg.train import summary
+from medcg.eval import metrics as results_lib  # results.json's name; eval never imports the trainer
 from medcg.train import tb as tb_lib
 
 
@@ -295,9 +296,6 @@ def _ckpt_dir(workdir: str) -> str:
   return fileio.join(workdir, "checkpoints")
 
 
-RESULTS_FILE = "results.json"  # medcg.eval.metrics.RESULTS_FILE, named here so the trainer need not import eval
-
-
 def finished_step(workdir: str, total_steps: int) -> int | None:
   """The step a finished run in `workdir` ended at, or None when there is work left (or no run).
 
@@ -307,14 +305,14 @@ def finished_step(workdir: str, total_steps: int) -> int | None:
   if not fileio.exists(fileio.join(workdir, provenance.CONFIG_FILE)):
     return None
   if total_steps == 0:
-    return 0 if fileio.exists(fileio.join(workdir, RESULTS_FILE)) else None
+    return 0 if fileio.exists(fileio.join(workdir, results_lib.RESULTS_FILE)) else None
   latest = ckpt_lib.latest_step(_ckpt_dir(workdir))
   return latest if latest is not None and latest >= total_steps else None
 
 
 def _final_metrics(workdir: str) -> dict[str, float]:
   """A finished run's final evaluation as the trainer returned it (eval/...), from its results.json."""
-  path = fileio.join(workdir, RESULTS_FILE)
+  path = fileio.join(workdir, results_lib.RESULTS_FILE)
   if not fileio.exists(path):
     return {}
   from medcg.eval import runner
@@ -381,7 +379,7 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
   total_steps = total_train_steps(config)
   done = None if overwrite else finished_step(workdir, total_steps)
   if done is not None:  # before the data check and any compile: a re-run of a finished run returns in seconds
-    results = fileio.join(workdir, RESULTS_FILE)
+    results = fileio.join(workdir, results_lib.RESULTS_FILE)
     summary.say(summary.finished_text(done, total_steps, workdir, results if fileio.exists(results) else None,
                                         changes))
     return TrainResult(step=done, losses=[], metrics=_final_metrics(workdir))
@@ -595,7 +593,7 @@ def _train(config, workdir, stop: _StopRequest, *, evaluate_fn, fail_at_step, ov
       ckpt.close()
   specs = {opt_lib.param_path(p): tuple(x.sharding.spec)
            for p, x in jax.tree_util.tree_leaves_with_path(state["params"]) if hasattr(x, "sharding")}
-  results = fileio.join(workdir, RESULTS_FILE)
+  results = fileio.join(workdir, results_lib.RESULTS_FILE)
   report_dir = fileio.join(workdir, "eval", f"step_{step}") if config.data.eval_mixture else None
   summary.write(summary.end_lines(step=step, total_steps=total_steps, losses=losses, metrics=metrics,
                                   preempted=preempted, seconds=time.monotonic() - t0, workdir=workdir,
