@@ -10,6 +10,7 @@ The command lines' convention: a user error prints one line `<prog>: error: <mes
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from typing import Any, Callable, NoReturn, Sequence
@@ -93,7 +94,7 @@ def exit_status(e: BaseException, prog: str, *, verbose_: bool | None = None) ->
 
 
 def underscore_name(option: str) -> str:
-  """`--image_size` -> `--image_size`: the one spelling of a long flag (absl's, as big_vision and MaxText)."""
+  """`--image-size` -> `--image_size`: the one spelling of a long flag (absl's, as big_vision and MaxText)."""
   return "--" + option[2:].replace("-", "_") if option.startswith("--") else option
 
 
@@ -104,11 +105,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
   def _format_action_invocation(self, action):
     strings = action.option_strings
     shown = [o for o in strings if not ("-" in o[2:] and o.startswith("--") and underscore_name(o) in strings)]
-    if shown == strings:
-      return super()._format_action_invocation(action)
-    import copy
-    action = copy.copy(action)
-    action.option_strings = shown
+    if shown != strings:
+      action = copy.copy(action)
+      action.option_strings = shown
     return super()._format_action_invocation(action)
 
   def _get_help_string(self, action):
