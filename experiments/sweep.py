@@ -1,25 +1,37 @@
-"""Expand a config's get_sweep() into runs; run them locally, on every worker of a TPU pod, or print them.
+"""Expand a config's get_sweep() into runs and hand them to a scheduler: this machine, SLURM (submitit), TPU VMs
+(queued resources) or GKE (xpk); or collect the finished ones into the paper's tables.
 
-    python -m experiments.sweep --config configs/cg_table3.py --launcher print [--tpu NAME --zone Z]
-    python -m experiments.sweep --config configs/cg_table3.py:rows=1-14 --launcher local --parallel 2 --root runs/t3
-    python -m experiments.sweep --config configs/scaling.py --launcher pod --tpu my-v5p --zone us-east5-a
+    python -m experiments.sweep --config configs/cg_table3.py --launcher local --parallel 2 --root runs/t3
+    python -m experiments.sweep --config configs/cg_table3.py --launcher slurm --root /shared/runs/t3 \\
+        --partition gpu --gpus_per_node 8 --time 24:00:00 --array_parallelism 16
+    python -m experiments.sweep --config configs/scaling.py --launcher tpu-vm --tpu_type v5litepod-16 \\
+        --zone us-west4-a --root gs://BUCKET/runs --dry_run
+    python -m experiments.sweep --config configs/scaling.py --launcher xpk --cluster my-gke --tpu_type v5p-16 \\
+        --zone us-east5-a --root gs://BUCKET/runs --dry_run
+    python -m experiments.sweep --config configs/cg_table3.py --root runs/t3 --collect --out results/t3
 
 Each sweep entry is the arg string of one run (`row=15,arm=related,seed=0`). A run's workdir is
 `ROOT/<config name>/<arg string made path-safe>`; a run whose `results.json` exists is skipped, so a sweep
-can be re-launched after a failure or preemption. `--collect` gathers every finished run's results.json into
-one table beside the paper's numbers (the config's `collect(results)` does the layout: n and 95 % intervals on
-every accuracy, the CG test on every Baseline+ / Trained pair); `--out OUT` also writes OUT.md, OUT.json (the
-table plus every run's counts and per-sample outcomes) and the paper's figures as OUT_<name>.png / .svg.
-`--collect --from OUT.json` re-lays out a table written earlier, after its runs are gone.
+can be re-launched after a failure or preemption (unfinished runs resume from their checkpoints). `--dry_run`
+prints what the launcher would do (commands, job script) and runs nothing. Each launcher's flags are in its
+own section of --help; experiments/launchers/ says what a launcher is.
 
-ROOT may be `gs://BUCKET/...` for every launcher, and must be for a pod: its hosts write one multi-host orbax
-checkpoint, so the workdir must be a directory every host sees. Before any run starts, the data of every
-unfinished run is checked (`medcg.preflight`), so a short shards dir fails in seconds, not after the first arms.
-On a gs:// root each run's sweep.log is written to a local file (`--log_dir`) and copied to its workdir when
-the run ends, since object stores cannot append.
+`--collect` gathers every finished run's results.json into one table beside the paper's numbers (the config's
+`collect(results)` does the layout: n and 95 % intervals on every accuracy, the CG test on every Baseline+ /
+Trained pair); `--out OUT` also writes OUT.md, OUT.json (the table plus every run's counts and per-sample
+outcomes) and the paper's figures as OUT_<name>.png / .svg. `--collect --from OUT.json` re-lays out a table
+written earlier, after its runs are gone. Launchers whose runs end before they return (local, slurm --wait)
+collect at the end.
 
-The local and pod launchers report progress on stderr, one whole line per event (runs in parallel never
-interleave mid-line); stdout keeps the pod commands and the collected table:
+ROOT may be `gs://BUCKET/...` for every launcher, and must be for tpu-vm and xpk: their hosts write one
+multi-host orbax checkpoint to a directory every host sees, and they do not share this machine's disk. SLURM
+takes an absolute path on the cluster's shared filesystem (not a relative path, not /tmp) or gs://. Before
+any run starts, the data of every unfinished run is checked (`medcg.preflight`), so a short shards dir fails
+in seconds, not after the first arms (a TPU VM's or GKE pod's local paths are theirs: only gs:// ones are
+checked from here).
+
+Progress goes to stderr, one whole line per event (runs in parallel never interleave mid-line); stdout keeps
+the commands and the collected table:
 
     [skip] arm=baseline,seed=0: finished (/abs/runs/demo/arm=baseline__seed=0)
     3 runs: 1 finished already, 2 to run
@@ -30,35 +42,33 @@ interleave mid-line); stdout keeps the pod commands and the collected table:
       last log line: ValueError: ...
     sweep: 1 finished, 1 failed, 1 skipped
 
-A done line's headline (accuracy and n, cIoU for detection) is read from the run's results.json. A pod's runs
-print their output on this terminal, so their lines name no log; the pod launcher stops at the first failure.
-Exit status: 0 when every run finished, else 1 (local) or the failed run's exit code (pod).
+A done line's headline (accuracy and n, cIoU for detection) is read from the run's results.json. Exit status:
+0 when every run finished (or was submitted), else 1 (the tpu-vm launcher: the failed run's exit code).
+`--launcher print` and `--launcher pod` are the older spellings of `--dry_run` and `--launcher tpu-vm --tpu NAME`.
 
 A bad flag, config or path prints one line `experiments.sweep: error: ...` and exits 2; `--verbose` or
 MEDCG_VERBOSE=1 adds its traceback.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import argparse
 import contextlib
 import importlib.util
 import json
 import os
 import re
-import shlex
-import subprocess
 import sys
-import threading
-import time
 from typing import Any, Sequence
 
+from experiments.launchers import LAUNCHERS
+from experiments.launchers import base
+from experiments.launchers.base import config_stem, run_name, workdir_for  # noqa: F401 (the sweep's naming)
 from medcg import errors
 from medcg import fileio
 from medcg.errors import UserError
 
 PROG = "experiments.sweep"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_LOG_DIR = os.path.join("runs", "sweep-logs")
+REPO = base.REPO
 
 
 def load_config_module(path: str):
@@ -76,26 +86,13 @@ def load_config_module(path: str):
 def sweep_args(config_path: str) -> list[str]:
   """The arg strings of the sweep: get_sweep(base_arg) if the config defines it."""
   module = load_config_module(config_path)
-  base = config_path.split(":", 1)[1] if ":" in config_path else None
+  base_arg = config_path.split(":", 1)[1] if ":" in config_path else None
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{config_path}: defines no get_sweep()")
-  args = list(module.get_sweep(base)) if base is not None else list(module.get_sweep())
+  args = list(module.get_sweep(base_arg)) if base_arg is not None else list(module.get_sweep())
   if len(set(args)) != len(args):
     raise ValueError(f"{config_path}: get_sweep() returned duplicate runs")
   return args
-
-
-def run_name(arg: str) -> str:
-  return re.sub(r"[^A-Za-z0-9=.,_-]", "_", arg).replace(",", "__") or "default"
-
-
-def config_stem(config_path: str) -> str:
-  return os.path.splitext(os.path.basename(config_path.split(":", 1)[0]))[0]
-
-
-def workdir_for(root: str, config_path: str, arg: str) -> str:
-  """ROOT/<config>/<run>: gs:// stays gs://, a local root becomes absolute (commands run elsewhere)."""
-  return fileio.join(fileio.absolute(root), config_stem(config_path), run_name(arg))
 
 
 def train_command(config_path: str, arg: str, workdir: str, python: str = "python") -> list[str]:
@@ -103,200 +100,14 @@ def train_command(config_path: str, arg: str, workdir: str, python: str = "pytho
   return [python, "-m", "medcg.train", f"--config={file}:{arg}", f"--workdir={workdir}"]
 
 
-def pod_command(tpu: str, zone: str, project: str, repo_dir: str, cmd: Sequence[str]) -> list[str]:
-  """The same command on every worker of a TPU pod (jax.distributed reads the pod topology)."""
-  # "~/x" must reach the worker's shell unquoted, or it will not expand to the home directory.
-  where = "~/" + shlex.quote(repo_dir[2:]) if repo_dir.startswith("~/") else shlex.quote(repo_dir)
-  remote = f"cd {where} && MEDCG_DISTRIBUTED=1 {' '.join(shlex.quote(c) for c in cmd)}"
-  out = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}", "--worker=all",
-         f"--command={remote}"]
-  if project:
-    out.insert(6, f"--project={project}")
-  return out
-
-
-def plan(config_path: str, root: str, launcher: str, *, python: str = "python", tpu: str = "", zone: str = "",
-         project: str = "", repo_dir: str = "~/medcg") -> list[dict[str, Any]]:
-  """Every run of the sweep with its workdir, command and whether it is already done."""
+def plan(config_path: str, root: str, *, python: str = "python") -> list[dict[str, Any]]:
+  """Every run of the sweep with its workdir, medcg.train command and whether it is already done."""
   runs = []
   for arg in sweep_args(config_path):
     wd = workdir_for(root, config_path, arg)
-    cmd = train_command(config_path, arg, wd, python=python)
-    if launcher == "pod" or (launcher == "print" and tpu):
-      cmd = pod_command(tpu, zone, project, repo_dir, cmd)
-    runs.append({"arg": arg, "workdir": wd, "cmd": cmd,
-                 "done": fileio.exists(fileio.join(wd, "results.json"))})
+    runs.append({"arg": arg, "workdir": wd, "cmd": train_command(config_path, arg, wd, python=python),
+                 "done": base.is_done(wd)})
   return runs
-
-
-def local_log(workdir: str, log_dir: str | None = None) -> str:
-  """Where a run's sweep.log is written: in its workdir, or LOG_DIR/<config>/<run>/ for a remote one."""
-  if not fileio.is_remote(workdir):
-    return os.path.join(workdir, "sweep.log")
-  config, run = workdir.rstrip("/").split("/")[-2:]
-  return os.path.join(os.path.abspath(log_dir or DEFAULT_LOG_DIR), config, run, "sweep.log")
-
-
-def _duration(seconds: float) -> str:
-  from medcg.train import summary  # imports jax: only once a run has ended, so `--launcher print` stays instant
-  return summary.duration(seconds)
-
-
-def result_headline(workdir: str) -> str:
-  """'accuracy 95.0 % (n=60)' (with cIoU when detection was scored) from WORKDIR/results.json; '' if unreadable."""
-  try:
-    results = fileio.read_json(fileio.join(workdir, "results.json"))
-    # runner.flat_metrics' two keys the headline reads (runner itself imports the model stack).
-    metrics = {"eval/accuracy": float(results["overall"]["accuracy"]), "eval/samples": float(results["overall"]["n"])}
-    if results.get("detection"):
-      metrics["eval/ciou"] = float(results["detection"]["overall"]["ciou"])
-    from medcg.train import summary
-    return summary.headline(metrics)
-  except Exception:  # a progress line is no reason to fail a sweep: the done line goes without its headline
-    return ""
-
-
-def last_log_line(log_path: str, max_chars: int = 300) -> str:
-  """The last non-empty line of a local log (the last frame of a progress bar's \\r-redrawn line); '' if none."""
-  try:
-    with open(log_path, "rb") as f:
-      f.seek(0, os.SEEK_END)
-      f.seek(max(f.tell() - 65536, 0))
-      tail = f.read().decode("utf-8", errors="replace")
-  except OSError:
-    return ""
-  for line in reversed(tail.splitlines()):
-    line = line.split("\r")[-1].strip() or line.strip()
-    if line:
-      return line if len(line) <= max_chars else line[:max_chars - 3] + "..."
-  return ""
-
-
-class Progress:
-  """The sweep's progress lines on stderr, each printed whole under a lock (parallel runs share one Progress).
-
-  `begin` prints a skip line per finished run and the summary, `start` / `end` one line per run (numbered in
-  the order the runs start), `finish` the tally.
-  """
-
-  def __init__(self, runs: list[dict[str, Any]], *, announce_skips: bool = True):
-    self.skipped = [r for r in runs if r["done"]]
-    self.todo = [r for r in runs if not r["done"]]
-    self.announce_skips = announce_skips
-    self.finished: list[str] = []
-    self.failed: list[str] = []
-    self._started = 0
-    self._lock = threading.Lock()
-
-  def say(self, *lines: str) -> None:
-    with self._lock:
-      self._say(*lines)
-
-  def _say(self, *lines: str) -> None:
-    print("\n".join(lines), file=sys.stderr, flush=True)
-
-  def begin(self) -> None:
-    lines = [f"[skip] {r['arg']}: finished ({r['workdir']})" for r in self.skipped] if self.announce_skips else []
-    n = len(self.skipped) + len(self.todo)
-    lines.append(f"{n} run{'s' * (n != 1)}: {len(self.skipped)} finished already, {len(self.todo)} to run")
-    self.say(*lines)
-
-  def start(self, r: dict[str, Any], log_path: str | None = None) -> int:
-    """Prints the start line; returns the run's number (1 .. len(todo))."""
-    with self._lock:
-      self._started += 1
-      i = self._started
-      self._say(f"[start {i}/{len(self.todo)}] {r['arg']} -> {r['workdir']}"
-                + (f" (log: {log_path})" if log_path else ""))
-    return i
-
-  def end(self, i: int, r: dict[str, Any], rc: int, seconds: float, log_path: str | None = None) -> None:
-    tag = f"{i}/{len(self.todo)}"
-    if rc == 0:
-      headline = result_headline(r["workdir"])  # read outside the lock: gs:// reads take a while
-      lines = [f"[done {tag}] {r['arg']} in {_duration(seconds)}" + (f": {headline}" if headline else "")]
-    else:
-      lines = [f"[fail {tag}] {r['arg']}: exit code {rc} after {_duration(seconds)}"
-               + (f"; log: {log_path}" if log_path else "")]
-      last = last_log_line(log_path) if log_path else ""
-      if last:
-        lines.append(f"  last log line: {last}")
-    with self._lock:
-      (self.finished if rc == 0 else self.failed).append(r["arg"])
-      self._say(*lines)
-
-  def finish(self) -> None:
-    with self._lock:
-      not_started = len(self.todo) - len(self.finished) - len(self.failed)
-      line = f"sweep: {len(self.finished)} finished, {len(self.failed)} failed, {len(self.skipped)} skipped"
-      if not_started:
-        line += f", {not_started} not started"
-      if self.failed:
-        line += f" (failed: {', '.join(self.failed)})"
-      self._say(line)
-
-
-def run_local(runs: list[dict[str, Any]], parallel: int, log_dir: str | None = None, *,
-              stop_on_failure: bool = False, announce_skips: bool = True) -> list[tuple[str, int]]:
-  """Runs the unfinished runs here, `parallel` at once; returns (arg, exit code) per run started.
-
-  Reports on stderr as it goes (see the module docstring): a skip line per finished run (unless
-  `announce_skips` is False), the summary, a start line and a done or fail line per run, the tally.
-  `stop_on_failure`: no run starts after one has failed (those running go on to their end).
-  """
-  progress = Progress(runs, announce_skips=announce_skips)
-  stop = threading.Event()
-
-  def one(r):
-    if stop.is_set():
-      return None
-    log_path = local_log(r["workdir"], log_dir)
-    remote_log = fileio.join(r["workdir"], "sweep.log")
-    remote = fileio.is_remote(r["workdir"])
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    if remote and not os.path.exists(log_path) and fileio.exists(remote_log):
-      fileio.copy_file(remote_log, log_path)  # keep the earlier attempts' log, as a local sweep.log does
-    i = progress.start(r, log_path)
-    t = time.monotonic()
-    try:
-      with open(log_path, "ab") as log:
-        proc = subprocess.run(r["cmd"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    except OSError as e:  # the command could not start (no such interpreter): said, then raised as before
-      progress.say(f"[fail {i}/{len(progress.todo)}] {r['arg']}: could not start ({e})")
-      raise
-    finally:
-      if remote:  # no appends on an object store: the whole log, once the run has ended
-        fileio.copy_file(log_path, remote_log)
-    if proc.returncode and stop_on_failure:
-      stop.set()
-    progress.end(i, r, proc.returncode, time.monotonic() - t, log_path)
-    return r["arg"], proc.returncode
-
-  progress.begin()
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-    done = [x for x in pool.map(one, progress.todo) if x is not None]
-  progress.finish()
-  return done
-
-
-def run_pod(runs: list[dict[str, Any]]) -> int:
-  """Runs the unfinished runs one at a time (each on every worker), stopping at the first failure; its exit code.
-
-  The runs' output comes to this terminal; the command goes to stdout, the progress lines to stderr.
-  """
-  progress = Progress(runs)
-  progress.begin()
-  rc = 0
-  for r in progress.todo:
-    i = progress.start(r)
-    print(shlex.join(r["cmd"]), flush=True)
-    t = time.monotonic()
-    rc = subprocess.run(r["cmd"]).returncode
-    progress.end(i, r, rc, time.monotonic() - t)
-    if rc:
-      break
-  progress.finish()
-  return rc
 
 
 RUN_KEYS = ("overall", "per_subset", "detection", "outcomes")
@@ -319,7 +130,7 @@ def collect(config_path: str, root: str, from_json: str = "") -> dict[str, Any]:
     results = {arg: res for arg, res in stored.items() if arg in wanted}
   else:
     for arg in sweep_args(config_path):
-      path = fileio.join(workdir_for(root, config_path, arg), "results.json")
+      path = base.results_path(workdir_for(root, config_path, arg))
       if fileio.exists(path):
         results[arg] = fileio.read_json(path)
   table = dict(module.collect(results)) if hasattr(module, "collect") else {}
@@ -382,65 +193,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def parser() -> argparse.ArgumentParser:
   p = errors.ArgumentParser(prog=f"python -m {PROG}", description=__doc__)
   p.add_argument("--config", required=True, help="configs/x.py[:base args]")
-  p.add_argument("--launcher", choices=("local", "pod", "print"), default="print",
-                 help="run here, on every worker of a TPU pod, or print the commands")
+  p.add_argument("--launcher", choices=(*LAUNCHERS, "print", "pod"), default="print",
+                 help="; ".join(f"{name}: {m.HELP}" for name, m in LAUNCHERS.items())
+                 + "; print: local's --dry_run; pod: tpu-vm on --tpu")
   p.add_argument("--root", default="runs", help="parent of the run workdirs (gs://BUCKET/... works)")
-  p.add_argument("--parallel", type=errors.positive_int, default=1, help="local: runs at once")
+  p.add_argument("--dry_run", action="store_true", help="print what the launcher would do; run nothing")
+  p.add_argument("--parallel", type=errors.positive_int, default=1,
+                 help="runs at once (local; tpu-vm with --pod_per_run)")
   p.add_argument("--python", default=sys.executable if sys.executable else "python",
-                 help="the interpreter that runs each medcg.train")
-  p.add_argument("--tpu", default="", help="pod: TPU VM name")
-  p.add_argument("--zone", default="", help="pod: the TPU's zone")
-  p.add_argument("--project", default="", help="pod: the GCP project (default: gcloud's)")
-  p.add_argument("--repo_dir", default="~/medcg", help="pod: the checkout on the workers")
-  p.add_argument("--log_dir", default=DEFAULT_LOG_DIR,
-                 help="local launcher, gs:// root: where each run's sweep.log is written before it is copied")
+                 help="the interpreter that runs each medcg.train (local, slurm)")
+  p.add_argument("--poll_s", type=float, default=30.0,
+                 help="slurm --wait, tpu-vm: seconds between checks of a job's or a queued resource's state")
   p.add_argument("--compilation_cache_dir", default=None,
-                 help="local launcher: the runs' JAX compilation cache ('off' disables; default "
+                 help="the runs' JAX compilation cache, passed in their environment ('off' disables; default "
                  "$MEDCG_COMPILATION_CACHE, else ~/.cache/medcg/jax)")
   p.add_argument("--collect", action="store_true", help="only gather finished runs into a table")
   p.add_argument("--out", default="", help="also write the collected table to OUT.md and OUT.json, and its plots "
                  "to OUT_<name>.png / .svg")
   p.add_argument("--from", dest="from_json", default="",
                  help="with --collect: re-collect a table written earlier (OUT.json) instead of reading workdirs")
-  a = p.parse_args(argv)
+  g = p.add_argument_group("Google Cloud (--launcher tpu-vm, xpk)")
+  g.add_argument("--zone", default="", help="the TPUs' zone")
+  g.add_argument("--project", default="", help="the GCP project (default: gcloud's)")
+  g.add_argument("--tpu_type", default="",
+                 help="accelerator type, e.g. v5litepod-16 or v5p-32 (tpu-vm: create queued resources of it)")
+  for m in LAUNCHERS.values():
+    m.add_flags(p)
+  return p
 
+
+def _resolve_aliases(a: argparse.Namespace) -> None:
+  """The older spellings: `print` is --dry_run (of tpu-vm when --tpu is given), `pod` is tpu-vm on --tpu."""
+  if a.launcher == "print":
+    a.launcher, a.dry_run = ("tpu-vm" if a.tpu else "local"), True
+  elif a.launcher == "pod":
+    a.launcher = "tpu-vm"
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  p = parser()
+  a = p.parse_args(argv)
+  _resolve_aliases(a)
   if a.from_json and not a.collect:
     p.error("--from needs --collect")
   if a.compilation_cache_dir is not None:  # the runs are subprocesses: they read it from the environment
     from medcg import compile_cache
     os.environ[compile_cache.ENV] = a.compilation_cache_dir
   if a.collect:
-    table = collect(a.config, a.root, a.from_json)
-    found, total = len(table["runs"]), len(sweep_args(a.config))
-    where = a.from_json or fileio.join(fileio.absolute(a.root), config_stem(a.config))
-    print(f"{found} of {total} runs found under {where}", file=sys.stderr)
-    if not found:
-      return 1
-    _print_table(table, a.out)
+    return _collect(a)
+  launcher = LAUNCHERS[a.launcher]
+  launcher.check(a)
+  runs = plan(a.config, a.root, python=a.python)
+  launcher.mark_active(runs, a)
+  if a.dry_run:
+    launcher.dry_run(runs, a)
     return 0
-  if a.launcher == "pod" and not (a.tpu and a.zone):
-    p.error("--launcher pod needs --tpu and --zone")
-  on_pod = a.launcher == "pod" or (a.launcher == "print" and a.tpu)
-  if on_pod and not fileio.is_remote(a.root):
-    raise UserError(f"--root {a.root}: a pod's workers need one shared workdir (multi-host orbax checkpoints are "
-                    "written to a directory every host sees); use --root gs://BUCKET/...")
-  python = ".venv/bin/python" if on_pod else a.python
-  runs = plan(a.config, a.root, a.launcher, python=python, tpu=a.tpu, zone=a.zone, project=a.project,
-              repo_dir=a.repo_dir)
-  if a.launcher == "print":
-    for r in runs:
-      print(("# done: " if r["done"] else "") + shlex.join(r["cmd"]))
-    return 0
-  # A pod's local paths are the workers' (not this machine's): only gs:// data is checked from here.
-  check_data(a.config, runs, check_local=a.launcher == "local")
-  if a.launcher == "pod":
-    return run_pod(runs)  # pods run one job at a time across all workers
-  failed = [(arg, rc) for arg, rc in run_local(runs, a.parallel, a.log_dir) if rc]
-  _print_table(collect(a.config, a.root), a.out)
-  return 1 if failed else 0
+  check_data(a.config, runs, check_local=launcher.data_is_local(a))
+  status = launcher.launch(runs, a)
+  if launcher.waits(a):
+    _print_table(collect(a.config, a.root), a.out)
+  return status
+
+
+def _collect(a: argparse.Namespace) -> int:
+  table = collect(a.config, a.root, a.from_json)
+  found, total = len(table["runs"]), len(sweep_args(a.config))
+  where = a.from_json or fileio.join(fileio.absolute(a.root), config_stem(a.config))
+  print(f"{found} of {total} runs found under {where}", file=sys.stderr)
+  if not found:
+    return 1
+  _print_table(table, a.out)
+  return 0
 
 
 if __name__ == "__main__":

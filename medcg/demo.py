@@ -123,13 +123,14 @@ def _run(a) -> int:
   print(f"[demo] data ready after {time.time() - t0:.0f} s", flush=True)
 
   from experiments import sweep
-  runs = sweep.plan(base, a.workdir, "local", python=sys.executable)
+  from experiments.launchers import local
+  runs = sweep.plan(base, a.workdir, python=sys.executable)
   for r in runs:
     state = "done" if r["done"] else "to train" if "arm=baseline," not in r["arg"] + "," else "to evaluate"
     print(f"[demo] {r['arg']}: {state}", flush=True)
   # The sweep reports each arm's start and end (accuracy, or exit code and last log line) on stderr; the done
   # arms were named just above, so it does not repeat them. The first failure stops the demo.
-  started = sweep.run_local(runs, parallel=1, stop_on_failure=True, announce_skips=False)
+  started = local.run(runs, parallel=1, stop_on_failure=True, announce_skips=False)
   failed = [rc for _, rc in started if rc]
   if failed:
     return failed[0]

@@ -134,19 +134,32 @@ class ArgumentParser(argparse.ArgumentParser):
                         help=f"print a user error's traceback too (or set {VERBOSE_ENV}=1)")
 
   def add_argument(self, *args, **kwargs):
-    if args and all(a.startswith("--") for a in args):
-      names = []
-      for name in map(underscore_name, args):  # the underscore name first (argparse's dest and --help come from it)
-        names += [name, "--" + name[2:].replace("_", "-")]
-      args = tuple(dict.fromkeys(names))
-    default = kwargs.get("default")
-    if args and args[0].startswith("-") and kwargs.get("help") is None and not (
-        default is None or default is False or default is argparse.SUPPRESS):
-      kwargs["help"] = "default: %(default)s"
-    return super().add_argument(*args, **kwargs)
+    return super().add_argument(*_both_spellings(args, kwargs), **kwargs)
+
+  def add_argument_group(self, *args, **kwargs):
+    """A --help section whose options follow the same conventions."""
+    group = super().add_argument_group(*args, **kwargs)
+    plain = group.add_argument
+    group.add_argument = lambda *a, **k: plain(*_both_spellings(a, k), **k)
+    return group
 
   def error(self, message: str) -> NoReturn:
     fail(self.prog.removeprefix("python -m "), f"{message}; see --help")
+
+
+def _both_spellings(args: tuple, kwargs: dict) -> tuple:
+  """ArgumentParser.add_argument's conventions: both spellings of a long option, a default shown in --help
+  (sets kwargs["help"] when there is none)."""
+  if args and all(a.startswith("--") for a in args):
+    names = []
+    for name in map(underscore_name, args):  # the underscore name first (argparse's dest and --help come from it)
+      names += [name, "--" + name[2:].replace("_", "-")]
+    args = tuple(dict.fromkeys(names))
+  default = kwargs.get("default")
+  if args and args[0].startswith("-") and kwargs.get("help") is None and not (
+      default is None or default is False or default is argparse.SUPPRESS):
+    kwargs["help"] = "default: %(default)s"
+  return args
 
 
 def positive_int(text: str) -> int:

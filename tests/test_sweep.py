@@ -4,6 +4,7 @@ import os
 import sys
 
 from experiments import sweep
+from experiments.launchers import local as local_launcher
 from medcg import fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,8 @@ def test_a_local_root_is_refused_for_pods(tmp_path, capsys):
                    ["--launcher", "pod", "--tpu", "NAME", "--zone", "Z"]):
     assert _main(["--config", "configs/demo.py", "--root", str(tmp_path / "runs"), *launcher]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a pod's workers need one shared workdir" in err and "gs://BUCKET/" in err
+    assert err.count("\n") == 1 and "--launcher tpu-vm runs on machines that do not share this one's disk" in err
+    assert "use --root gs://BUCKET/..." in err
   # Without a TPU the printed commands are local ones, with the root made absolute.
   with contextlib.chdir(tmp_path):
     assert sweep.main(["--config", os.path.join(REPO, "configs", "demo.py"), "--root", "runs"]) == 0
@@ -62,11 +64,11 @@ def test_run_logs_are_written_locally_and_copied_to_a_gs_workdir(gcs_root, tmp_p
   workdir = f"{gcs_root}/demo/arm=related__seed=0"
   run = {"arg": "arm=related,seed=0", "workdir": workdir, "done": False,
          "cmd": [sys.executable, "-c", "print('attempt')"]}
-  assert sweep.run_local([run], 1, log_dir=str(tmp_path / "logs")) == [("arm=related,seed=0", 0)]
+  assert local_launcher.run([run], 1, log_dir=str(tmp_path / "logs")) == [("arm=related,seed=0", 0)]
   local = tmp_path / "logs" / "demo" / "arm=related__seed=0" / "sweep.log"
   assert local.read_text() == "attempt\n" == fileio.read_text(f"{workdir}/sweep.log")
   # Another machine (no local log yet) keeps the earlier attempts, as an appended local log would.
-  assert sweep.run_local([run], 1, log_dir=str(tmp_path / "other")) == [("arm=related,seed=0", 0)]
+  assert local_launcher.run([run], 1, log_dir=str(tmp_path / "other")) == [("arm=related,seed=0", 0)]
   assert fileio.read_text(f"{workdir}/sweep.log") == "attempt\nattempt\n"
 
 

@@ -8,6 +8,7 @@ import re
 import sys
 
 from experiments import sweep
+from experiments.launchers import local
 
 WRITE_RESULTS = ("import json, os, sys; os.makedirs(sys.argv[1], exist_ok=True); print('training...'); "
                  "json.dump(json.loads(sys.argv[2]), open(os.path.join(sys.argv[1], 'results.json'), 'w'))")
@@ -38,7 +39,7 @@ def test_local_runs_report_skip_start_done_fail_and_the_tally(tmp_path, capsys):
   finished = _run(tmp_path, "arm=baseline,seed=0", done=True)
   good = _run(tmp_path, "arm=related,seed=0")
   bad = _run(tmp_path, "arm=baseline_plus,seed=0", [sys.executable, "-c", FAIL])
-  assert sweep.run_local([finished, good, bad], 1) == [("arm=related,seed=0", 0), ("arm=baseline_plus,seed=0", 3)]
+  assert local.run([finished, good, bad], 1) == [("arm=related,seed=0", 0), ("arm=baseline_plus,seed=0", 3)]
   err = capsys.readouterr().err.splitlines()
   good_log, bad_log = (os.path.join(r["workdir"], "sweep.log") for r in (good, bad))
   assert err[:3] == [
@@ -63,7 +64,7 @@ def test_the_headline_reports_ciou_and_is_left_out_without_results(tmp_path, cap
   none = _run(tmp_path, "arm=none", [sys.executable, "-c", "print('no evaluation')"])
   broken = _run(tmp_path, "arm=broken")
   broken["cmd"] = [sys.executable, "-c", f"open({os.path.join(broken['workdir'], 'results.json')!r}, 'w').write('{{')"]
-  assert [rc for _, rc in sweep.run_local([det, det_only, none, broken], 1)] == [0, 0, 0, 0]
+  assert [rc for _, rc in local.run([det, det_only, none, broken], 1)] == [0, 0, 0, 0]
   done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[done")]
   assert done[0].endswith("s: accuracy 50.0 % (n=20); cIoU 62.5 %"), done[0]
   assert done[1].endswith("s: cIoU 40.0 %"), done[1]
@@ -75,7 +76,7 @@ def test_parallel_runs_print_whole_lines(tmp_path, capsys):
   runs = [_run(tmp_path, f"seed={i}") for i in range(6)]
   runs += [_run(tmp_path, f"bad={i}", [sys.executable, "-c", FAIL]) for i in range(3)]
   runs += [_run(tmp_path, "old", done=True)]
-  out = sweep.run_local(runs, 4)
+  out = local.run(runs, 4)
   assert sorted(rc for _, rc in out) == [0] * 6 + [3] * 3
   err = capsys.readouterr().err.splitlines()
   patterns = [r"\[skip\] old: finished \(.*\)", r"10 runs: 1 finished already, 9 to run",
@@ -91,7 +92,7 @@ def test_parallel_runs_print_whole_lines(tmp_path, capsys):
 
 def test_stop_on_failure_starts_nothing_after_a_failure(tmp_path, capsys):
   runs = [_run(tmp_path, "a", [sys.executable, "-c", FAIL]), _run(tmp_path, "b"), _run(tmp_path, "c", done=True)]
-  assert sweep.run_local(runs, 1, stop_on_failure=True, announce_skips=False) == [("a", 3)]
+  assert local.run(runs, 1, stop_on_failure=True, announce_skips=False) == [("a", 3)]
   err = capsys.readouterr().err.splitlines()
   assert err[0] == "3 runs: 1 finished already, 2 to run"  # no skip line: the caller named the finished runs
   assert err[-1] == "sweep: 0 finished, 1 failed, 1 skipped, 1 not started (failed: a)"
@@ -101,7 +102,7 @@ def test_stop_on_failure_starts_nothing_after_a_failure(tmp_path, capsys):
 def test_a_run_that_cannot_start_is_reported(tmp_path, capsys):
   run = _run(tmp_path, "a", [str(tmp_path / "no-such-python")])
   try:
-    sweep.run_local([run], 1)
+    local.run([run], 1)
   except OSError:
     pass
   else:
@@ -140,19 +141,3 @@ def test_the_local_launcher_reports_progress_and_keeps_its_exit_status(tmp_path,
   assert err[:2] == [f"[skip] arm=ok: finished ({sweep.workdir_for(str(root), str(config), 'arm=ok')})",
                      f"[skip] arm=old: finished ({old})"]
   assert "sweep: 1 finished, 0 failed, 2 skipped" in err
-
-
-def test_the_pod_launcher_reports_each_run_and_stops_at_the_first_failure(tmp_path, capfd):
-  runs = [_run(tmp_path, "a", done=True), _run(tmp_path, "b"), _run(tmp_path, "c", [sys.executable, "-c", FAIL]),
-          _run(tmp_path, "d")]
-  assert sweep.run_pod(runs) == 3
-  captured = capfd.readouterr()  # fd level: the runs' output is not redirected
-  err = captured.err.splitlines()
-  assert err[:3] == [f"[skip] a: finished ({runs[0]['workdir']})", "4 runs: 1 finished already, 3 to run",
-                     f"[start 1/3] b -> {runs[1]['workdir']}"]
-  assert re.fullmatch(r"\[done 1/3\] b in .* s: accuracy 95\.0 % \(n=60\)", err[3]), err[3]
-  assert err[4] == f"[start 2/3] c -> {runs[2]['workdir']}"
-  assert re.fullmatch(r"\[fail 2/3\] c: exit code 3 after .* s", err[5]), err[5]  # its output is on the terminal
-  assert err[6] == "sweep: 1 finished, 1 failed, 1 skipped, 1 not started (failed: c)"
-  assert "ValueError: bad shards" in captured.out  # the run's own output, not redirected
-  assert not os.path.exists(os.path.join(runs[3]["workdir"], "results.json"))
