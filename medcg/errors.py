@@ -99,7 +99,7 @@ def underscore_name(option: str) -> str:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """The description as written, every option with its default (unless None / False, or its help names one);
+  """The description as written, every option with its default (unless None / False / empty, or its help names one);
   an option is listed by its underscore name only (its dashed alias still parses)."""
 
   def _format_action_invocation(self, action):
@@ -113,7 +113,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
   def _get_help_string(self, action):
     text = action.help or ""
     if (not action.option_strings or "default" in text.lower()
-        or action.default is None or action.default is False or action.default is argparse.SUPPRESS):
+        or _no_default(action.default)):
       return text
     return f"{text} (default: %(default)s)"
 
@@ -147,6 +147,12 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(self.prog.removeprefix("python -m "), f"{message}; see --help")
 
 
+def _no_default(default) -> bool:
+  """Nothing worth showing as a default: None, False, an empty string or list (0 is shown)."""
+  return default is None or default is False or default is argparse.SUPPRESS or (
+      isinstance(default, (str, list)) and not default)
+
+
 def _both_spellings(args: tuple, kwargs: dict) -> tuple:
   """ArgumentParser.add_argument's conventions: both spellings of a long option, a default shown in --help
   (sets kwargs["help"] when there is none)."""
@@ -157,7 +163,7 @@ def _both_spellings(args: tuple, kwargs: dict) -> tuple:
     args = tuple(dict.fromkeys(names))
   default = kwargs.get("default")
   if args and args[0].startswith("-") and kwargs.get("help") is None and not (
-      default is None or default is False or default is argparse.SUPPRESS):
+      _no_default(default)):
     kwargs["help"] = "default: %(default)s"
   return args
 

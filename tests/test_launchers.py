@@ -362,3 +362,22 @@ def test_tpu_vm_and_xpk_say_what_to_install(gcs_root, tmp_path, capsys, monkeypa
       capsys, ["--config", config, "--root", gcs_root, "--launcher", "tpu-vm", "--tpu_type", "v7x-8", "--zone", "z"])
   assert "--launcher tpu-vm needs --zone" in _error(capsys, ["--config", config, "--root", gcs_root, "--launcher",
                                                              "tpu-vm", "--tpu", "x"])
+
+
+def test_help_has_a_section_per_launcher_and_shows_only_real_defaults(capsys):
+  with pytest.raises(SystemExit):
+    sweep.main(["--help"])
+  out = capsys.readouterr().out
+  for section in ("--launcher local", "--launcher slurm (through submitit)", "--launcher tpu-vm",
+                  "--launcher xpk", "Google Cloud (--launcher tpu-vm, xpk)"):
+    assert f"\n{section}" in out, section
+  assert "(default: )" not in out and "(default: [])" not in out  # empty defaults say nothing
+  assert "GPUs per node (default: 0)" in out  # a zero is a default worth showing
+
+
+def test_tpu_vm_needs_a_checkout_the_workers_can_clone(gcs_root, tmp_path, capsys, monkeypatch):
+  from experiments.launchers import tpu_vm
+  monkeypatch.setattr(tpu_vm, "_git", lambda *args: "")  # no remote, no commit
+  err = _error(capsys, ["--config", _config(tmp_path, ["arm=a"]), "--root", gcs_root, "--launcher", "tpu-vm",
+                        "--tpu_type", "v5litepod-16", "--zone", "z", "--dry_run"])
+  assert "the workers clone this checkout, but it has no git remote 'origin' or commit; give --repo_url" in err

@@ -68,6 +68,8 @@ def check(a: argparse.Namespace) -> None:
   if a.tpu_type:
     runtime_version(a)
   base.check_root(a.root, "tpu-vm", gcs_only=True)
+  if a.tpu_type or a.install:
+    install_command("check", a)  # the checkout the workers clone: refused now, not once a pod is paid for
 
 
 def runtime_version(a: argparse.Namespace) -> str:
@@ -237,16 +239,15 @@ def _on_pod(name: str, pod_runs: list[dict[str, Any]], a: argparse.Namespace, pr
   create = bool(a.tpu_type)
   rc = 0
   try:
-    steps = ([create_command(name, a)] if create else []) + ([None] if create else [])
-    steps += [install_command(name, a)] if create or a.install else []
-    for cmd in steps:
-      if cmd is None:
+    for step in (["create", "wait"] if create else []) + (["install"] if create or a.install else []):
+      if step == "wait":
         _wait_active(name, a, progress)
         continue
+      cmd = create_command(name, a) if step == "create" else install_command(name, a)
       print(shlex.join(cmd), flush=True)
       step_rc = subprocess.run(cmd).returncode
       if step_rc:
-        progress.say(f"[fail] {name}: {' '.join(cmd[3:5])} exited with code {step_rc}; its runs did not start")
+        progress.say(f"[fail] {name}: the {step} step exited with code {step_rc}; its runs did not start")
         return step_rc
     for r in pod_runs:
       i = progress.start(r, note=f"on {name}")
