@@ -2,8 +2,8 @@
 task) running real tiny trainings. The SLURM path without SLURM: the same TrainJob, JobEnvironment, requeue.
 
 Three runs to completion and collected; one run as a 2-task job whose processes join jax.distributed on loopback
-and match the single-process losses; a job killed outright and resumed by launching again; a job preempted
-(USR2, as SLURM signals before the limit) that checkpoints, requeues itself and finishes.
+and match the single-process losses; a job killed outright and resumed by launching again; a job of one and of
+two tasks preempted (USR2, as SLURM signals before the limit) that checkpoints, requeues itself and finishes.
 """
 import importlib.util
 import json
@@ -157,32 +157,39 @@ def test_a_killed_job_resumes_from_its_checkpoint_when_launched_again(synth_shar
   assert os.path.exists(os.path.join(wd, "results.json"))
 
 
-def test_a_preempted_job_checkpoints_requeues_itself_and_finishes(synth_shards, tmp_path, job_env, capsys):
-  """USR2 is what SLURM sends --signal_delay_s before a time limit (and submitit asks for on preemption)."""
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_preempted_job_checkpoints_requeues_itself_and_finishes(synth_shards, tmp_path, job_env, capsys, tasks):
+  """USR2 is what SLURM sends every task --signal_delay_s before a time limit (and on preemption, as submitit
+  asks). With two tasks, both trainers must stop at the same step (a save is collective) and resume together."""
   job_env.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {CPU_COLLECTIVE_FLAGS}")
   config = sweep_config(tmp_path / "cfg.py", synth_shards, ["seed=0"], {"train.steps": 40, "checkpoint.every": 2})
   root = tmp_path / "runs"
   wd = sweep.workdir_for(str(root), config, "seed=0")
-  log_path = os.path.join(wd, "sweep.log")
+  logs = [os.path.join(wd, "sweep.log")] + [os.path.join(wd, f"sweep.task{k}.log") for k in range(1, tasks)]
   sent = {}
 
+  def pid(log):
+    return os.path.exists(log) and re.search(r"pid (\d+)\]", open(log).read())
+
   def preempt():
-    header = _wait_for(lambda: os.path.exists(log_path) and re.search(r"pid (\d+)\]", open(log_path).read()), 300,
-                       "the job's first log line")
+    pids = [int(_wait_for(lambda: pid(log), 300, f"{log}'s first line").group(1)) for log in logs]
     _wait_for(lambda: _checkpoint_steps(wd), 300, "a checkpoint")
     sent["steps"] = _checkpoint_steps(wd)
-    os.kill(int(header.group(1)), signal.SIGUSR2)  # the task: it forwards SIGTERM to medcg.train
+    for p in pids:
+      os.kill(p, signal.SIGUSR2)  # each task forwards SIGTERM to its medcg.train
 
   import threading
   thread = threading.Thread(target=preempt, daemon=True)
   thread.start()
-  assert sweep.main(slurm_argv(config, root)) == 0
+  assert sweep.main(slurm_argv(config, root, "--ntasks_per_node", str(tasks))) == 0
   thread.join(timeout=5)
   assert sent, "the job ended before it could be preempted"
-  log = open(log_path).read()
+  log = open(logs[0]).read()
   assert log.count("[slurm job ") == 2, log[-3000:]  # the requeued attempt appends to the same log
   first, second = log.split("[slurm job ")[1:]
   assert "SIGTERM: checkpointing at the next step boundary" in first
   step = int(re.search(r"resumed from step (\d+) of 40", second).group(1))
   assert step >= max(sent["steps"]) and "finished at step 40" in second
+  for other in logs[1:]:
+    assert open(other).read().count("[slurm job ") == 2  # every task was started again
   assert "[done 1/1] seed=0" in capsys.readouterr().err
