@@ -247,11 +247,12 @@ def _main(argv: Sequence[str] | None) -> int:
   launcher = LAUNCHERS[a.launcher]
   launcher.check(a)
   runs = plan(a.config, a.root, python=a.python)
-  launcher.mark_active(runs, a)
+  if hasattr(launcher, "mark_active"):
+    launcher.mark_active(runs, a)
   if a.dry_run:
     launcher.dry_run(runs, a)
     return 0
-  check_data(a.config, runs, check_local=launcher.data_is_local(a))
+  check_data(a.config, runs, check_local=launcher.DATA_IS_LOCAL)
   status = launcher.launch(runs, a)
   if launcher.waits(a):
     _print_table(collect(a.config, a.root), a.out)

@@ -134,13 +134,19 @@ class ArgumentParser(argparse.ArgumentParser):
                         help=f"print a user error's traceback too (or set {VERBOSE_ENV}=1)")
 
   def add_argument(self, *args, **kwargs):
-    return super().add_argument(*_both_spellings(args, kwargs), **kwargs)
+    args, kwargs = _conventions(args, kwargs)
+    return super().add_argument(*args, **kwargs)
 
   def add_argument_group(self, *args, **kwargs):
     """A --help section whose options follow the same conventions."""
     group = super().add_argument_group(*args, **kwargs)
     plain = group.add_argument
-    group.add_argument = lambda *a, **k: plain(*_both_spellings(a, k), **k)
+
+    def add_argument(*args, **kwargs):
+      args, kwargs = _conventions(args, kwargs)
+      return plain(*args, **kwargs)
+
+    group.add_argument = add_argument
     return group
 
   def error(self, message: str) -> NoReturn:
@@ -153,9 +159,10 @@ def _no_default(default) -> bool:
       isinstance(default, (str, list)) and not default)
 
 
-def _both_spellings(args: tuple, kwargs: dict) -> tuple:
-  """ArgumentParser.add_argument's conventions: both spellings of a long option, a default shown in --help
-  (sets kwargs["help"] when there is none)."""
+def _conventions(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+  """ArgumentParser.add_argument's (args, kwargs) with its conventions: both spellings of a long option, and a
+  default shown in --help when the option has no help text."""
+  kwargs = dict(kwargs)
   if args and all(a.startswith("--") for a in args):
     names = []
     for name in map(underscore_name, args):  # the underscore name first (argparse's dest and --help come from it)
@@ -165,7 +172,7 @@ def _both_spellings(args: tuple, kwargs: dict) -> tuple:
   if args and args[0].startswith("-") and kwargs.get("help") is None and not (
       _no_default(default)):
     kwargs["help"] = "default: %(default)s"
-  return args
+  return args, kwargs
 
 
 def positive_int(text: str) -> int:

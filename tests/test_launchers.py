@@ -139,18 +139,15 @@ def test_runs_whose_jobs_are_still_queued_or_running_are_not_submitted_again(fak
   assert err[2].startswith("[submitted 1/1] arm=b -> ") and ": job 4243 " in err[2]
 
 
-def test_a_job_sees_its_rank_coordinator_and_gpu():
+def test_a_job_sees_its_rank_coordinator_and_gpu(monkeypatch):
   class Env:  # submitit's JobEnvironment on task 5 of a 2-node job with 8 tasks per node
     cluster, raw_job_id, hostnames, num_tasks, num_nodes, global_rank, local_rank = "slurm", "123456", \
         ["gpu-a01", "gpu-a02"], 16, 2, 13, 5
   job = slurm.TrainJob("arm=a", "/shared/w", [PY, "-m", "medcg.train", "--config=c.py:arm=a", "--workdir=/shared/w"],
                        "/shared/logs")
-  os.environ["CUDA_VISIBLE_DEVICES"] = "0,1,2,3,4,5,6,7"
-  try:
-    cmd, env = job.command(Env())
-  finally:
-    del os.environ["CUDA_VISIBLE_DEVICES"]
-  port = 123456 % 4096 + 61440
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # what SLURM gives every task of the node
+  cmd, env = job.command(Env())
+  port = 62016  # jax's SLURM detection: job id % 2**12 + 61440
   assert cmd[-3:] == [f"--coordinator_address=gpu-a01:{port}", "--num_processes=16", "--process_id=13"]
   assert env["CUDA_VISIBLE_DEVICES"] == "5"
   assert job.log_path(0) == "/shared/w/sweep.log" and job.log_path(13) == "/shared/w/sweep.task13.log"
@@ -246,9 +243,8 @@ def test_tpu_vm_commands_one_queued_pod_for_the_sweep(gcs_root, tmp_path, capsys
   assert capsys.readouterr().out.splitlines() == [
       f"# 2 runs of {config} on one pod (v5litepod-16, queued resources), each deleted after its runs",
       "# done: " + _ssh("medcg-cfg", _train(config, gcs_root, "arm=a")),
-      _qr("create", "medcg-cfg", "--node-id=medcg-cfg", "--zone=us-west4-a --project=lab-proj",
-          "--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot").replace(
-              "--zone=us-west4-a --project=lab-proj --node-id=medcg-cfg ", "--node-id=medcg-cfg ", 1),
+      "gcloud compute tpus queued-resources create medcg-cfg --node-id=medcg-cfg --zone=us-west4-a "
+      "--project=lab-proj --accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot",
       wait,
       _ssh("medcg-cfg", INSTALL),
       _ssh("medcg-cfg", _train(config, gcs_root, "arm=b")),

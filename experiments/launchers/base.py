@@ -5,11 +5,12 @@ A run is a dict: `arg` (its sweep arg string), `workdir`, `cmd` (the medcg.train
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import threading
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from medcg import fileio
 from medcg.errors import UserError
@@ -50,6 +51,24 @@ def local_log(workdir: str, log_dir: str | None = None) -> str:
     return os.path.join(workdir, LOG_FILE)
   config, run = workdir.rstrip("/").split("/")[-2:]
   return os.path.join(os.path.abspath(log_dir or DEFAULT_LOG_DIR), config, run, LOG_FILE)
+
+
+@contextlib.contextmanager
+def appended_log(log_path: str, workdir: str) -> Iterator[BinaryIO]:
+  """LOG_PATH opened for appending a run's output. For a gs:// workdir the log is a local file: the earlier
+  attempts' copy is fetched from the workdir first, and the whole log copied back when the run has ended
+  (object stores cannot append)."""
+  remote_log = fileio.join(workdir, os.path.basename(log_path))
+  remote = fileio.is_remote(workdir)
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  if remote and not os.path.exists(log_path) and fileio.exists(remote_log):
+    fileio.copy_file(remote_log, log_path)
+  try:
+    with open(log_path, "ab") as log:
+      yield log
+  finally:
+    if remote:
+      fileio.copy_file(log_path, remote_log)
 
 
 def check_root(root: str, launcher: str, *, gcs_only: bool, node_local_ok: bool = False) -> None:

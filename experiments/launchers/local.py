@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import shlex
 import subprocess
 import threading
@@ -12,10 +11,10 @@ import time
 from typing import Any
 
 from experiments.launchers import base
-from medcg import fileio
 
 NAME = "local"
 HELP = "run here, --parallel at once"
+DATA_IS_LOCAL = True
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -28,17 +27,7 @@ def check(a: argparse.Namespace) -> None:
   del a  # any root: the runs start here
 
 
-def mark_active(runs: list[dict[str, Any]], a: argparse.Namespace) -> None:
-  del runs, a  # a run of an earlier launch here has ended with that launch
-
-
 def waits(a: argparse.Namespace) -> bool:
-  del a
-  return True
-
-
-def data_is_local(a: argparse.Namespace) -> bool:
-  """Whether the runs read local paths as this machine sees them (so the sweep checks them before starting)."""
   del a
   return True
 
@@ -69,22 +58,14 @@ def run(runs: list[dict[str, Any]], parallel: int, log_dir: str | None = None, *
     if stop.is_set():
       return None
     log_path = base.local_log(r["workdir"], log_dir)
-    remote_log = fileio.join(r["workdir"], base.LOG_FILE)
-    remote = fileio.is_remote(r["workdir"])
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    if remote and not os.path.exists(log_path) and fileio.exists(remote_log):
-      fileio.copy_file(remote_log, log_path)  # keep the earlier attempts' log, as a local sweep.log does
-    i = progress.start(r, log_path)
-    t = time.monotonic()
-    try:
-      with open(log_path, "ab") as log:
+    with base.appended_log(log_path, r["workdir"]) as log:
+      i = progress.start(r, log_path)
+      t = time.monotonic()
+      try:
         proc = subprocess.run(r["cmd"], cwd=base.REPO, stdout=log, stderr=subprocess.STDOUT)
-    except OSError as e:  # the command could not start (no such interpreter): said, then raised as before
-      progress.say(f"[fail {i}/{len(progress.todo)}] {r['arg']}: could not start ({e})")
-      raise
-    finally:
-      if remote:  # no appends on an object store: the whole log, once the run has ended
-        fileio.copy_file(log_path, remote_log)
+      except OSError as e:  # the command could not start (no such interpreter): said, then raised as before
+        progress.say(f"[fail {i}/{len(progress.todo)}] {r['arg']}: could not start ({e})")
+        raise
     if proc.returncode and stop_on_failure:
       stop.set()
     progress.end(i, r, proc.returncode, time.monotonic() - t, log_path)

@@ -19,6 +19,7 @@ runs are skipped, queued or running ones too (their job id is in WORKDIR/slurm_j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
@@ -36,15 +37,20 @@ from medcg.errors import UserError
 
 NAME = "slurm"
 HELP = "submit one SLURM job per run (an array job) through submitit"
+DATA_IS_LOCAL = True  # a login node sees the cluster's shared filesystem: local data paths are checked from here
 JOB_FILE = "slurm_job.json"
 INSTALL = "pip install 'submitit>=1.5'"
 LOG_ENV = "SUBMITIT_LOG_LEVEL"
 # sacct states of a job that will still run (or is running): launching the sweep again must not submit it twice.
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT")
-# What the flags set; --sbatch may add any other sbatch option.
-MANAGED = ("array", "output", "error", "signal", "job-name", "partition", "time", "nodes", "ntasks-per-node",
-           "gpus-per-node", "cpus-per-task", "mem", "qos", "account", "constraint", "open-mode", "chdir")
+# The sbatch options the launcher sets, with the flag that sets each (None: set by the launcher itself);
+# --sbatch may add any other option.
+MANAGED = {"partition": "--partition", "time": "--time", "nodes": "--nodes", "qos": "--qos", "account": "--account",
+           "constraint": "--constraint", "job-name": "--job_name", "mem": "--mem_gb",
+           "ntasks-per-node": "--ntasks_per_node", "gpus-per-node": "--gpus_per_node",
+           "cpus-per-task": "--cpus_per_task", "signal": "--signal_delay_s", "array": "--array_parallelism",
+           "output": None, "error": None, "open-mode": None, "chdir": None}
 TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 
 
@@ -114,11 +120,8 @@ def sbatch_options(options: list[str]) -> dict[str, Any]:
     if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
       raise UserError(f"--sbatch {text!r}: not an sbatch option (write it as name or name=value, e.g. mail-type=END)")
     if key in MANAGED:
-      flag = {"job-name": "--job_name", "mem": "--mem_gb", "ntasks-per-node": "--ntasks_per_node",
-              "gpus-per-node": "--gpus_per_node", "cpus-per-task": "--cpus_per_task"}.get(key, "--" + key)
-      raise UserError(f"--sbatch {text!r}: {key} is set by the launcher"
-                      + (f"; use {flag}" if key not in ("array", "output", "error", "signal", "open-mode", "chdir")
-                         else ""))
+      raise UserError(f"--sbatch {text!r}: {key} is set by the launcher" + (f"; use {MANAGED[key]}" if MANAGED[key]
+                                                                           else ""))
     out[key] = value if eq else True
   return out
 
@@ -179,11 +182,6 @@ def _submitit():
   return submitit
 
 
-def data_is_local(a: argparse.Namespace) -> bool:
-  del a  # a login node sees the cluster's shared filesystem: local data paths are checked from here
-  return True
-
-
 def waits(a: argparse.Namespace) -> bool:
   return a.wait or a.submitit_cluster == "local"
 
@@ -214,7 +212,8 @@ def slurm_parameters(a: argparse.Namespace, n_runs: int) -> dict[str, Any]:
     if value:
       params[key] = value
   if a.mem_gb is not None:
-    params["mem"] = f"{int(a.mem_gb)}GB" if a.mem_gb == int(a.mem_gb) else f"{int(a.mem_gb * 1024)}MB"
+    from submitit.slurm import slurm as submitit_slurm  # submitit's own GB -> sbatch --mem text
+    params["mem"] = submitit_slurm._convert_mem(a.mem_gb)
   return params
 
 
@@ -284,16 +283,11 @@ class TrainJob:
     env = submitit.JobEnvironment()
     cmd, child_env = self.command(env)
     log_path = self.log_path(env.global_rank)
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    remote_log = fileio.join(self.workdir, os.path.basename(log_path))
-    remote = fileio.is_remote(self.workdir)
-    if remote and not os.path.exists(log_path) and fileio.exists(remote_log):
-      fileio.copy_file(remote_log, log_path)  # keep the earlier attempts' log
     usr = env._usr_sig()
     requeue = signal.getsignal(usr)  # submitit's: checkpoint() and requeue on task 0
     stopped: list[int] = []
     t = time.monotonic()
-    with open(log_path, "ab") as log:
+    with base.appended_log(log_path, self.workdir) as log:
       log.write(f"[slurm job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}, "
                 f"pid {os.getpid()}] {shlex.join(cmd)}\n".encode())
       log.flush()
@@ -310,8 +304,6 @@ class TrainJob:
 
       signal.signal(usr, forward)
       rc = proc.wait()
-    if remote and env.global_rank == 0:
-      fileio.copy_file(log_path, remote_log)
     finished = base.is_done(self.workdir)
     if stopped and not finished and callable(requeue):
       requeue(stopped[0], None)  # task 0: checkpoint() and requeue, then exit; other tasks: returns
@@ -361,7 +353,6 @@ def dry_run(runs: list[dict[str, Any]], a: argparse.Namespace) -> None:
 
 
 def launch(runs: list[dict[str, Any]], a: argparse.Namespace) -> int:
-  import contextlib
   progress = base.Progress(runs, verb="submitted")
   progress.begin()
   todo = progress.todo

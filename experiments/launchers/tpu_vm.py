@@ -32,9 +32,11 @@ from medcg.errors import UserError
 
 NAME = "tpu-vm"
 HELP = "Cloud TPU VMs: queued-resource pods (--tpu_type) or an existing one (--tpu)"
+DATA_IS_LOCAL = False  # a worker's local paths are its own: only gs:// data is checked from here
 # The default runtime (the TPU VM image) of each TPU generation, as Google's TPU docs give them.
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
             "v6e": "v2-alpha-tpuv6e"}
+DEAD_STATES = ("FAILED", "SUSPENDED")  # a queued resource in these will never become ACTIVE
 GCLOUD_INSTALL = "install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install)"
 
 
@@ -80,15 +82,6 @@ def runtime_version(a: argparse.Namespace) -> str:
     raise UserError(f"--tpu_type {a.tpu_type}: no default runtime for {family}; give --runtime_version "
                     f"(known: {', '.join(f'{k}: {v}' for k, v in RUNTIMES.items())})")
   return RUNTIMES[family]
-
-
-def data_is_local(a: argparse.Namespace) -> bool:
-  del a  # a worker's local paths are its own: only gs:// data is checked from here
-  return False
-
-
-def mark_active(runs: list[dict[str, Any]], a: argparse.Namespace) -> None:
-  del runs, a
 
 
 def waits(a: argparse.Namespace) -> bool:
@@ -176,7 +169,7 @@ def install_command(name: str, a: argparse.Namespace) -> list[str]:
 def wait_script(name: str, a: argparse.Namespace) -> str:
   """A shell loop that returns once the queued resource is ACTIVE (and fails if it will never be)."""
   return (f"until s=$({shlex.join(state_command(name, a))}) && [ \"$s\" = ACTIVE ]; do case $s in "
-          f"FAILED|SUSPENDED) echo \"queued resource {name}: $s\" >&2; exit 1;; esac; sleep {a.poll_s:g}; done")
+          f"{'|'.join(DEAD_STATES)}) echo \"queued resource {name}: $s\" >&2; exit 1;; esac; sleep {a.poll_s:g}; done")
 
 
 def plan_pods(runs: list[dict[str, Any]], a: argparse.Namespace) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -187,30 +180,36 @@ def plan_pods(runs: list[dict[str, Any]], a: argparse.Namespace) -> list[tuple[s
   return [(pod_name(a), todo)] if todo else []
 
 
-def dry_run(runs: list[dict[str, Any]], a: argparse.Namespace) -> None:
+def pod_steps(name: str, pod_runs: list[dict[str, Any]], a: argparse.Namespace) -> list[tuple[str, Any]]:
+  """A pod's sequence, which --dry_run prints and launch runs: ("create", cmd), ("wait", None) and ("install",
+  cmd) for a pod this launcher creates (install also with --install), ("run", run) per run, ("delete", cmd)."""
   create = bool(a.tpu_type)
-  if create:
+  steps: list[tuple[str, Any]] = [("create", create_command(name, a)), ("wait", None)] if create else []
+  if create or a.install:
+    steps.append(("install", install_command(name, a)))
+  steps += [("run", r) for r in pod_runs]
+  if create and not a.keep_tpu:
+    steps.append(("delete", delete_command(name, a)))
+  return steps
+
+
+def dry_run(runs: list[dict[str, Any]], a: argparse.Namespace) -> None:
+  if not (a.tpu_type or a.install):  # runs on an existing pod: every run's command, in the sweep's order
+    for r in runs:
+      print(("# done: " if r["done"] else "") + shlex.join(pod_command(pod_name(a), a, r["cmd"])))
+    return
+  if a.tpu_type:
     n = sum(1 for r in runs if not r["done"])
     pods = "one pod per run" if a.pod_per_run else "one pod"
     print(f"# {n} runs of {a.config} on {pods} ({a.tpu_type}, queued resources)"
           + ("" if a.keep_tpu else ", each deleted after its runs"))
-  if not (create or a.install):  # runs on an existing pod: every run's command, in the sweep's order
-    for r in runs:
-      print(("# done: " if r["done"] else "") + shlex.join(pod_command(pod_name(a), a, r["cmd"])))
-    return
   for r in runs:
     if r["done"]:
       print("# done: " + shlex.join(pod_command(pod_name(a, r["arg"] if a.pod_per_run else None), a, r["cmd"])))
   for name, pod_runs in plan_pods(runs, a):
-    if create:
-      print(shlex.join(create_command(name, a)))
-      print(wait_script(name, a))
-    if create or a.install:
-      print(shlex.join(install_command(name, a)))
-    for r in pod_runs:
-      print(shlex.join(pod_command(name, a, r["cmd"])))
-    if create and not a.keep_tpu:
-      print(shlex.join(delete_command(name, a)))
+    for step, what in pod_steps(name, pod_runs, a):
+      print(wait_script(name, a) if step == "wait" else
+            shlex.join(pod_command(name, a, what["cmd"]) if step == "run" else what))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -220,53 +219,54 @@ def _wait_active(name: str, a: argparse.Namespace, progress: base.Progress) -> N
   last = ""
   while True:
     proc = subprocess.run(state_command(name, a), capture_output=True, text=True)
-    state = proc.stdout.strip() if proc.returncode == 0 else ""
     if proc.returncode:
       raise RuntimeError(f"queued resource {name}: gcloud describe failed: {proc.stderr.strip()[-300:]}")
+    state = proc.stdout.strip()
     if state != last:
       progress.say(f"queued resource {name}: {state}")
       last = state
     if state == "ACTIVE":
       return
-    if state in ("FAILED", "SUSPENDED"):
+    if state in DEAD_STATES:
       raise RuntimeError(f"queued resource {name} is {state}; see gcloud compute tpus queued-resources describe "
                          f"{name} --zone={a.zone}")
     time.sleep(a.poll_s)
 
 
 def _on_pod(name: str, pod_runs: list[dict[str, Any]], a: argparse.Namespace, progress: base.Progress) -> int:
-  """Create (with --tpu_type), install, the runs in order until one fails, delete; the first failure's code."""
-  create = bool(a.tpu_type)
-  rc = 0
+  """pod_steps in order, the runs until one fails, the delete step always; the first failure's exit code."""
+  steps = pod_steps(name, pod_runs, a)
+  delete = [cmd for step, cmd in steps if step == "delete"]
   try:
-    for step in (["create", "wait"] if create else []) + (["install"] if create or a.install else []):
+    for step, what in steps:
+      if step == "delete":
+        continue
       if step == "wait":
         _wait_active(name, a, progress)
-        continue
-      cmd = create_command(name, a) if step == "create" else install_command(name, a)
-      print(shlex.join(cmd), flush=True)
-      step_rc = subprocess.run(cmd).returncode
-      if step_rc:
-        progress.say(f"[fail] {name}: the {step} step exited with code {step_rc}; its runs did not start")
-        return step_rc
-    for r in pod_runs:
-      i = progress.start(r, note=f"on {name}")
-      cmd = pod_command(name, a, r["cmd"])
-      print(shlex.join(cmd), flush=True)
-      t = time.monotonic()
-      rc = subprocess.run(cmd).returncode
-      progress.end(i, r, rc, time.monotonic() - t)
-      if rc:
-        return rc
+      elif step == "run":
+        i = progress.start(what, note=f"on {name}")
+        cmd = pod_command(name, a, what["cmd"])
+        print(shlex.join(cmd), flush=True)
+        t = time.monotonic()
+        rc = subprocess.run(cmd).returncode
+        progress.end(i, what, rc, time.monotonic() - t)
+        if rc:
+          return rc
+      else:
+        print(shlex.join(what), flush=True)
+        rc = subprocess.run(what).returncode
+        if rc:
+          progress.say(f"[fail] {name}: the {step} step exited with code {rc}; its runs did not start")
+          return rc
     return 0
   except RuntimeError as e:
     progress.say(f"[fail] {e}")
     return 1
   finally:
-    if create and not a.keep_tpu:
-      print(shlex.join(delete_command(name, a)), flush=True)
-      if subprocess.run(delete_command(name, a)).returncode:
-        progress.say(f"queued resource {name} was NOT deleted: delete it yourself ({shlex.join(delete_command(name, a))})")
+    for cmd in delete:
+      print(shlex.join(cmd), flush=True)
+      if subprocess.run(cmd).returncode:
+        progress.say(f"queued resource {name} was NOT deleted: delete it yourself ({shlex.join(cmd)})")
 
 
 def launch(runs: list[dict[str, Any]], a: argparse.Namespace) -> int:

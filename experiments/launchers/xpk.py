@@ -27,6 +27,7 @@ from medcg.errors import UserError
 
 NAME = "xpk"
 HELP = "GKE through xpk: one workload per run"
+DATA_IS_LOCAL = False  # a pod's local paths are its own (xpk itself refuses a second workload of one name)
 INSTALL = "pip install xpk"
 MAX_NAME = 40  # xpk's limit on a workload name
 
@@ -49,15 +50,6 @@ def check(a: argparse.Namespace) -> None:
   if a.num_slices < 1:
     raise UserError(f"--num_slices {a.num_slices}: must be 1 or more")
   base.check_root(a.root, "xpk", gcs_only=True)
-
-
-def data_is_local(a: argparse.Namespace) -> bool:
-  del a
-  return False
-
-
-def mark_active(runs: list[dict[str, Any]], a: argparse.Namespace) -> None:
-  del runs, a  # xpk itself refuses a workload whose name is taken
 
 
 def waits(a: argparse.Namespace) -> bool:
